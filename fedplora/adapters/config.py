@@ -1,0 +1,87 @@
+"""Configuration of a PLoRA adapter (kept apart from the layer math, like PEFT)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class PLoRAConfig:
+    """R parallel one-rank adapters per targeted linear layer.
+
+    ``scale = alpha / rank`` is one constant for every pair and every client:
+    a client-specific ``alpha / r_i`` would make folding inexact (see docs/method.md).
+
+    ``target_modules``: a list of module-name suffixes (``"query"`` matches
+    ``encoder.layer.0.attention.self.query``) or one regex that must match the
+    full module name, as in PEFT. ``None`` picks the attention projections of the
+    model's architecture.
+
+    ``modules_to_save``: other modules trained fully and averaged FedAvg-style
+    (a classification head). ``None`` picks the head of a ``*ForSequenceClassification``.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | str | None = None
+    dropout: float = 0.0
+    modules_to_save: list[str] | None = None
+    init_a: str = "kaiming_uniform"  # round-0 init of a_j; b_j always starts at 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"PLoRAConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"PLoRAConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_a not in ("kaiming_uniform", "gaussian"):
+            raise ValueError(
+                f"PLoRAConfig.init_a must be 'kaiming_uniform' or 'gaussian', got {self.init_a!r}"
+            )
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Attention projections per architecture: the paper's default targets.
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+    "distilbert": ["q_lin", "k_lin", "v_lin"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+# Heads trained fully beside the adapters (names of the head modules).
+SEQUENCE_CLASSIFICATION_HEADS = ["classifier", "score"]
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    if model_type in ATTENTION_TARGETS:
+        return list(ATTENTION_TARGETS[model_type])
+    try:  # fall back on PEFT's own table for architectures we do not list
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:  # pragma: no cover - depends on PEFT internals
+        table = {}
+    if model_type in table:
+        return list(table[model_type])
+    raise ValueError(
+        f"no default PLoRA targets for model type {model_type!r}: "
+        "pass target_modules (e.g. ['q_proj', 'v_proj']) in PLoRAConfig or --targets"
+    )
+
+

@@ -1,0 +1,160 @@
+"""The small interface every federated LoRA method implements.
+
+The server side (``configure_client``, ``aggregate``) and the client side
+(``client_setup``, ``client_update``) are pure PyTorch: Flower only carries the
+``ClientTask`` and ``ClientUpdate`` between them. Because Fed-PLoRA and every
+baseline go through the same four calls, ``compare`` is fair by construction.
+
+Global state is a flat ``dict[str, Tensor]``; aggregation returns a new dict
+and never edits the old one, so a rejected update cannot half-update it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..adapters import PLoRAConfig, get_plora_state_dict, select_and_fold, set_plora_state_dict
+from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
+from ..measure import LayerFactors
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    cid: int  # stable client id (the data partition id), not Flower's random node id
+    budget: int  # the largest rank the client can train this round
+    num_samples: int = 1
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one client for one round."""
+
+    arrays: State
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back."""
+
+    arrays: State
+    config: dict[str, Any]
+    num_samples: int
+
+
+class UpdateRejected(ValueError):
+    """A client's update failed validation; it is never aggregated."""
+
+
+class FederatedMethod(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0) -> None:
+        if weighting not in ("samples", "uniform"):
+            raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
+        self.plora = plora
+        self.weighting = weighting
+        self.seed = seed
+
+    @property
+    def rank(self) -> int:
+        return self.plora.rank
+
+    # ------------------------------------------------------------ server side
+    def init_state(self, model: nn.Module) -> State:
+        """The round-0 global state, from a freshly wrapped model."""
+        return get_plora_state_dict(model)
+
+    @abstractmethod
+    def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask: ...
+
+    @abstractmethod
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State: ...
+
+    def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        """Normalised aggregation weights (sample count by default, uniform as an option)."""
+        raw = [float(u.num_samples) if self.weighting == "samples" else 1.0 for u in updates]
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    # ------------------------------------------------------------ client side
+    @abstractmethod
+    def client_setup(self, model: nn.Module, task: ClientTask) -> None:
+        """Turn the received task into the local model to train (trainable = what is uploaded)."""
+
+    @abstractmethod
+    def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate: ...
+
+    # ------------------------------------------------------------ global model
+    def load_global(self, model: nn.Module, state: State) -> None:
+        """Make ``model`` compute the global model (for evaluation and export)."""
+        set_plora_state_dict(model, state)
+        select_and_fold(model, range(self.rank))
+
+    # ------------------------------------------------------------ measurement
+    def global_factors(self, state: State) -> LayerFactors:
+        return adapter_factors(state, self.plora.scale)
+
+    @abstractmethod
+    def client_start_factors(self, task: ClientTask) -> LayerFactors:
+        """The adapter the client starts training from, as it computes it."""
+
+    @abstractmethod
+    def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
+        """The client's whole local adapter after training."""
+
+    # ------------------------------------------------------------ validation
+    @abstractmethod
+    def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]: ...
+
+    def validate_update(self, task: ClientTask, update: ClientUpdate, state: State,
+                        max_norm: float | None = None) -> None:
+        """Raise UpdateRejected naming what is wrong; aggregation only sees updates that pass."""
+        n = update.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise UpdateRejected(f"num_samples must be a positive integer, got {n!r}")
+        expected = self.expected_update_shapes(task, state)
+        missing = sorted(set(expected) - set(update.arrays))
+        extra = sorted(set(update.arrays) - set(expected))
+        if missing or extra:
+            raise UpdateRejected(f"update keys differ from the task: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, shape in expected.items():
+            t = update.arrays[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise UpdateRejected(f"{key}: expected shape {tuple(shape)}, got {got}")
+            if not t.is_floating_point():
+                raise UpdateRejected(f"{key}: expected a floating-point array, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise UpdateRejected(f"{key}: contains NaN or Inf")
+        if max_norm is not None:
+            norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.arrays.values()))
+            if norm > max_norm:
+                raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_norm:g}")
+
+
+def head_keys(state: State) -> list[str]:
+    return [k for k in state if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
+
+
+def layer_names(state: State) -> list[str]:
+    return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
+
+
+def average_heads(state: State, updates: list[ClientUpdate], weights: list[float]) -> State:
+    """FedAvg of the non-adapter trainables (e.g. a classifier head)."""
+    out = {}
+    for key in head_keys(state):
+        acc = torch.zeros_like(state[key], dtype=torch.float64)
+        for w, u in zip(weights, updates):
+            acc += w * u.arrays[key].double()
+        out[key] = acc.to(state[key].dtype)
+    return out

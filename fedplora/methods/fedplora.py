@@ -1,0 +1,130 @@
+"""Fed-PLoRA: parallel one-rank adaptation with Select-N-Fold.
+
+Client i receives all R global pairs, draws r_i of them (seeded, anew each
+round), folds the rest into its frozen weights and trains the r_i it drew, so
+it starts exactly at the global model. The server averages each pair j over
+the clients that trained it; a pair nobody trained keeps its value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_dict
+from ..adapters.model import A_SUFFIX, B_SUFFIX
+from ..measure import LayerFactors
+from .base import (
+    ClientInfo,
+    ClientTask,
+    ClientUpdate,
+    FederatedMethod,
+    State,
+    UpdateRejected,
+    average_heads,
+    head_keys,
+    layer_names,
+)
+
+
+def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: int, stream: int = 0) -> list[int]:
+    """r_i distinct pair indices, uniformly at random; one seed fixes every draw."""
+    if not 1 <= budget <= rank:
+        raise ValueError(f"a client's rank budget must be in [1, {rank}], got {budget}")
+    rng = np.random.default_rng([seed, server_round, cid, stream])
+    return sorted(int(i) for i in rng.choice(rank, size=budget, replace=False))
+
+
+class FedPLoRA(FederatedMethod):
+    name = "fedplora"
+
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared") -> None:
+        super().__init__(plora, weighting, seed)
+        if selection not in ("shared", "per_layer"):
+            raise ValueError(f"selection must be 'shared' (one draw for all layers) or 'per_layer', got {selection!r}")
+        self.selection = selection
+
+    # ------------------------------------------------------------ server side
+    def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
+        budget = min(client.budget, self.rank)
+        layers = layer_names(state)
+        if self.selection == "shared":
+            shared = select_indices(budget, self.rank, self.seed, server_round, client.cid)
+            indices = {name: shared for name in layers}
+        else:
+            indices = {name: select_indices(budget, self.rank, self.seed, server_round, client.cid, k + 1)
+                       for k, name in enumerate(layers)}
+        return ClientTask(arrays=dict(state), config={"rank": budget, "indices": indices})
+
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        if not updates:
+            return dict(state)
+        raw = [float(u.num_samples) if self.weighting == "samples" else 1.0 for u in updates]
+        new: State = {}
+        for layer in layer_names(state):
+            A_old, B_old = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
+            den = torch.zeros(self.rank, dtype=torch.float64)
+            for w, task in zip(raw, tasks):
+                den[task.config["indices"][layer]] += w
+            A = torch.zeros_like(A_old, dtype=torch.float64)
+            B = torch.zeros_like(B_old, dtype=torch.float64)
+            for w, task, u in zip(raw, tasks, updates):
+                idx = torch.tensor(task.config["indices"][layer], dtype=torch.long)
+                coef = w / den[idx]
+                A[idx] += coef[:, None] * u.arrays[layer + A_SUFFIX].double()
+                B[:, idx] += coef[None, :] * u.arrays[layer + B_SUFFIX].double()
+            untouched = den == 0  # a pair nobody trained keeps its previous value
+            A[untouched] = A_old[untouched].double()
+            B[:, untouched] = B_old[:, untouched].double()
+            new[layer + A_SUFFIX], new[layer + B_SUFFIX] = A.to(A_old.dtype), B.to(B_old.dtype)
+        new.update(average_heads(state, updates, self.client_weights(updates)))
+        return new
+
+    # ------------------------------------------------------------ client side
+    def client_setup(self, model: nn.Module, task: ClientTask) -> None:
+        set_plora_state_dict(model, task.arrays)
+        select_and_fold(model, task.config["indices"])
+
+    def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate:
+        state = get_plora_state_dict(model)
+        arrays: State = {}
+        for layer, idx in task.config["indices"].items():
+            arrays[layer + A_SUFFIX] = state[layer + A_SUFFIX][idx]
+            arrays[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, idx]
+        for key in head_keys(state):
+            arrays[key] = state[key]
+        return ClientUpdate(arrays=arrays, config={"indices": task.config["indices"]}, num_samples=num_samples)
+
+    # ------------------------------------------------------------ validation
+    def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer, idx in task.config["indices"].items():
+            R, d_in = state[layer + A_SUFFIX].shape
+            d_out = state[layer + B_SUFFIX].shape[0]
+            shapes[layer + A_SUFFIX] = (len(idx), d_in)
+            shapes[layer + B_SUFFIX] = (d_out, len(idx))
+        for key in head_keys(state):
+            shapes[key] = tuple(state[key].shape)
+        return shapes
+
+    def validate_update(self, task, update, state, max_norm=None) -> None:
+        declared = update.config.get("indices")
+        if declared is not None and declared != task.config["indices"]:
+            raise UpdateRejected("the update's indices differ from the pairs the client was assigned")
+        super().validate_update(task, update, state, max_norm)
+
+    # ------------------------------------------------------------ measurement
+    def client_start_factors(self, task: ClientTask) -> LayerFactors:
+        # folded pairs + selected pairs = all R pairs at their global values
+        return self.global_factors(task.arrays)
+
+    def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
+        full = dict(task.arrays)
+        for layer, idx in task.config["indices"].items():
+            A = full[layer + A_SUFFIX].clone()
+            B = full[layer + B_SUFFIX].clone()
+            A[idx] = update.arrays[layer + A_SUFFIX]
+            B[:, idx] = update.arrays[layer + B_SUFFIX]
+            full[layer + A_SUFFIX], full[layer + B_SUFFIX] = A, B
+        return self.global_factors(full)
