@@ -7,10 +7,11 @@ A layer knows only its own math. It keeps
 * ``active_A`` (r x d_in) and ``active_B`` (d_out x r): the selected pairs, the only
   trainable tensors, so an optimizer holds state for r pairs only;
 * the pristine base weight ``W0``, from which every fold is rebuilt (never
-  cumulative, so restoring is bit-exact).
+  cumulative, so restoring is bit-exact);
+* optionally a fixed ``base_offset`` added under the pairs (FLoRA's merged updates).
 
 Forward: ``base(x) + s * B_act (A_act dropout(x))`` -- one batched low-rank product,
-where the base weight is ``W0 + s * sum_{j not selected} b_j a_j^T``.
+where the base weight is ``W0 (+ offset) + s * sum_{j not selected} b_j a_j^T``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def _dims(base: nn.Module) -> tuple[int, int, bool]:
     )
 
 
+@torch.no_grad()
+def init_pairs_A_(A: torch.Tensor, init_a: str = "kaiming_uniform",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """LoRA's random init of the a_j (the rows of an R x d_in ``A``), in place.
+
+    ``generator`` makes the draw reproducible (FLoRA's fresh per-round adapters).
+    """
+    if init_a == "kaiming_uniform":
+        return nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return nn.init.normal_(A, std=1.0 / A.shape[0], generator=generator)
+
+
 class PLoRALayer(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  init_a: str = "kaiming_uniform") -> None:
@@ -56,6 +69,8 @@ class PLoRALayer(nn.Module):
         self.reset_pairs(init_a)
         # pristine W0, kept only while something is folded into the base weight
         self.register_buffer("base_weight0", None, persistent=False)
+        # a fixed delta (d_out x d_in) under the pairs, e.g. FLoRA's merged updates; W0 stays pristine
+        self.register_buffer("base_offset", None, persistent=False)
         self.register_buffer("active_idx", torch.arange(rank), persistent=False)
         self.active_A = nn.Parameter(self.plora_A.clone())
         self.active_B = nn.Parameter(self.plora_B.clone())
@@ -63,11 +78,8 @@ class PLoRALayer(nn.Module):
     # ------------------------------------------------------------------ init
     def reset_pairs(self, init_a: str = "kaiming_uniform") -> None:
         """LoRA's init: a_j random, b_j = 0, so the adapter starts as the identity."""
+        init_pairs_A_(self.plora_A, init_a)
         with torch.no_grad():
-            if init_a == "kaiming_uniform":
-                nn.init.kaiming_uniform_(self.plora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.plora_A, std=1.0 / self.rank)
             self.plora_B.zero_()
 
     # ------------------------------------------------------------- the pairs
@@ -116,12 +128,14 @@ class PLoRALayer(nn.Module):
             raise ValueError(f"selected indices must be distinct and in [0, {self.rank}), got {idx.tolist()}")
         folded = torch.ones(self.rank, dtype=torch.bool, device=idx.device)
         folded[idx] = False
-        if self.base_weight0 is None and folded.any():
+        delta = self.scale * (self.plora_B[:, folded] @ self.plora_A[folded]) if folded.any() else None
+        if self.base_offset is not None:
+            delta = self.base_offset if delta is None else delta + self.base_offset
+        if self.base_weight0 is None and delta is not None:
             self.base_weight0 = self.base_layer.weight.detach().clone()
         if self.base_weight0 is not None:
             w0 = self.base_weight0
-            if folded.any():
-                delta = self.scale * (self.plora_B[:, folded] @ self.plora_A[folded])
+            if delta is not None:
                 self._set_base_weight(w0 + (delta.T if self.transposed else delta).to(w0.dtype))
             else:
                 self._set_base_weight(w0)
@@ -130,6 +144,22 @@ class PLoRALayer(nn.Module):
         dev, dt = self.plora_A.device, self.plora_A.dtype
         self.active_A = nn.Parameter(self.plora_A[idx].clone().to(dev, dt))
         self.active_B = nn.Parameter(self.plora_B[:, idx].clone().to(dev, dt))
+
+    @torch.no_grad()
+    def set_base_offset(self, delta: torch.Tensor | None) -> None:
+        """Add a fixed ``delta`` (d_out x d_in) to the frozen weight, under the pairs; ``None`` removes it.
+
+        The base weight becomes W0 + delta + (folded pairs), rebuilt from the pristine
+        W0 like every fold, so removing the offset restores W0 bit-exactly. FLoRA
+        uses it for the updates merged in earlier rounds.
+        """
+        if delta is not None:
+            if tuple(delta.shape) != (self.d_out, self.d_in):
+                raise ValueError(f"base offset must be {(self.d_out, self.d_in)}, got {tuple(delta.shape)}")
+            delta = delta.detach().to(self.plora_A.device).clone()
+        self.sync()
+        self.base_offset = delta
+        self._select(self.active_idx)
 
     @property
     def folded_count(self) -> int:
