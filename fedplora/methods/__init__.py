@@ -1,9 +1,15 @@
 """Federated LoRA methods, one module each, all behind ``FederatedMethod``."""
 
 from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
+from .fedit import FedIT
 from .fedplora import FedPLoRA, select_indices
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
 
-METHODS: dict[str, type[FederatedMethod]] = {"fedplora": FedPLoRA}
+METHODS: dict[str, type[FederatedMethod]] = {
+    "fedplora": FedPLoRA, "fedit": FedIT, "hetlora": HetLoRA, "flexlora": FlexLoRA, "flora": FLoRA,
+}
 
 
 def make_method(name: str, plora, **options) -> FederatedMethod:
@@ -12,5 +18,5 @@ def make_method(name: str, plora, **options) -> FederatedMethod:
     return METHODS[name](plora, **options)
 
 
-__all__ = ["ClientInfo", "ClientTask", "ClientUpdate", "FederatedMethod", "FedPLoRA", "METHODS",
-           "UpdateRejected", "make_method", "select_indices"]
+__all__ = ["ClientInfo", "ClientTask", "ClientUpdate", "FLoRA", "FedIT", "FedPLoRA", "FederatedMethod", "FlexLoRA",
+           "HetLoRA", "METHODS", "UpdateRejected", "make_method", "select_indices"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import PLoRAConfig, get_plora_state_dict, select_and_fold, set_plora_state_dict
@@ -67,6 +68,16 @@ class FederatedMethod(ABC):
     @property
     def rank(self) -> int:
         return self.plora.rank
+
+    def describe(self) -> str:
+        """One line naming the method and the options that change what it is, for logs and tables."""
+        return self.name
+
+    def client_rank(self, client: ClientInfo) -> int:
+        """The rank client i trains: its budget, capped at the global rank R."""
+        if client.budget < 1:
+            raise ValueError(f"client {client.cid}: a rank budget must be >= 1, got {client.budget}")
+        return min(client.budget, self.rank)
 
     # ------------------------------------------------------------ server side
     def init_state(self, model: nn.Module) -> State:
@@ -158,3 +169,84 @@ def average_heads(state: State, updates: list[ClientUpdate], weights: list[float
             acc += w * u.arrays[key].double()
         out[key] = acc.to(state[key].dtype)
     return out
+
+
+def leading_pairs(state: State, rank: int) -> State:
+    """The first ``rank`` pairs of every layer, plus the heads (copies, so only they go on the wire)."""
+    out: State = {}
+    for layer in layer_names(state):
+        out[layer + A_SUFFIX] = state[layer + A_SUFFIX][:rank].clone()
+        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, :rank].clone()
+    out.update({k: state[k] for k in head_keys(state)})
+    return out
+
+
+def pad_pairs(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad r pairs to ``rank`` pairs; a zero pair adds nothing to B @ A."""
+    r = A.shape[0]
+    return F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r))
+
+
+def padded_average(state: State, updates: list[ClientUpdate], weights: dict[str, list[float]],
+                   keep_untrained: bool = True) -> State:
+    """Per layer, sum_i w_i pad(A_i) and sum_i w_i pad(B_i) in float64 (clients hold leading pairs).
+
+    Pairs beyond every client's rank keep their previous values, or become zero
+    with ``keep_untrained=False``.
+    """
+    new: State = {}
+    for layer in layer_names(state):
+        old_A, old_B = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
+        A = torch.zeros_like(old_A, dtype=torch.float64)
+        B = torch.zeros_like(old_B, dtype=torch.float64)
+        for w, u in zip(weights[layer], updates):
+            r = u.arrays[layer + A_SUFFIX].shape[0]
+            A[:r] += w * u.arrays[layer + A_SUFFIX].double()
+            B[:, :r] += w * u.arrays[layer + B_SUFFIX].double()
+        if keep_untrained:
+            top = max(u.arrays[layer + A_SUFFIX].shape[0] for u in updates)
+            A[top:], B[:, top:] = old_A[top:].double(), old_B[:, top:].double()
+        new[layer + A_SUFFIX], new[layer + B_SUFFIX] = A.to(old_A.dtype), B.to(old_B.dtype)
+    return new
+
+
+def stack_pairs(weights: list[float], updates: list[ClientUpdate], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[w_1 B_1 | ... | w_n B_n] and [A_1; ...; A_n] in float64: their product is sum_i w_i B_i A_i."""
+    B = torch.cat([w * u.arrays[layer + B_SUFFIX].double() for w, u in zip(weights, updates)], dim=1)
+    A = torch.cat([u.arrays[layer + A_SUFFIX].double() for u in updates], dim=0)
+    return B, A
+
+
+class LeadingPairsMethod(FederatedMethod):
+    """A client trains a plain rank-r_i LoRA: the first r_i pairs (FedIT, HetLoRA, FlexLoRA).
+
+    The server sends exactly those r_i pairs (and the heads). The client's rank-R
+    model holds them with zero pairs beyond, so it computes W0 + s B_r A_r, and it
+    trains, keeps optimizer state for and uploads r_i pairs only. Subclasses pick
+    the rank (``client_rank``), what the global pairs mean and how they are aggregated.
+    """
+
+    def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
+        rank = self.client_rank(client)
+        return ClientTask(arrays=leading_pairs(state, rank), config={"rank": rank})
+
+    def client_setup(self, model: nn.Module, task: ClientTask) -> None:
+        full = dict(task.arrays)
+        for layer in layer_names(task.arrays):
+            full[layer + A_SUFFIX], full[layer + B_SUFFIX] = pad_pairs(
+                task.arrays[layer + A_SUFFIX], task.arrays[layer + B_SUFFIX], self.rank)
+        set_plora_state_dict(model, full)
+        select_and_fold(model, range(task.config["rank"]))
+
+    def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate:
+        rank = task.config["rank"]
+        return ClientUpdate(leading_pairs(get_plora_state_dict(model), rank), {"rank": rank}, num_samples)
+
+    def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in task.arrays.items()}
+
+    def client_start_factors(self, task: ClientTask) -> LayerFactors:
+        return self.global_factors(task.arrays)
+
+    def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
+        return self.global_factors(update.arrays)

@@ -1,0 +1,80 @@
+"""FedIT: homogeneous LoRA, FedAvg of A and B separately.
+
+Every client trains the same leading pairs, so FedAvg of the factors is the
+whole method; the only question is which rank every client can train.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapters.model import A_SUFFIX, B_SUFFIX
+from .base import (
+    ClientInfo,
+    ClientTask,
+    ClientUpdate,
+    LeadingPairsMethod,
+    State,
+    average_heads,
+    layer_names,
+    padded_average,
+)
+
+
+class FedIT(LeadingPairsMethod):
+    """FedIT in two variants.
+
+    ``variant="ideal"``: every client trains rank R whatever its budget. It ignores
+    the budgets, so it is a reference point, not something the federation could run.
+
+    ``variant="feasible"``: every client trains ``min_rank``, the smallest budget in the
+    whole federation, which the caller must give: the server sees only the budgets
+    of the clients it samples, and a rank that shrank mid-run would leave trained
+    pairs that later clients cannot hold. The pairs beyond ``min_rank`` are zero from
+    round 0 and never trained, so the global model is a rank-``min_rank`` LoRA
+    (with the common scale s = alpha / R).
+    """
+
+    name = "fedit"
+
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, variant: str = "ideal",
+                 min_rank: int | None = None) -> None:
+        super().__init__(plora, weighting, seed)
+        if variant == "ideal":
+            if min_rank is not None:
+                raise ValueError("min_rank belongs to FedIT's 'feasible' variant; 'ideal' trains rank R")
+            self.train_rank = self.rank
+        elif variant == "feasible":
+            if min_rank is None or not 1 <= min_rank <= self.rank:
+                raise ValueError(f"FedIT 'feasible' needs min_rank in [1, {self.rank}] (the smallest client "
+                                 f"budget in the federation), got {min_rank!r}")
+            self.train_rank = min_rank
+        else:
+            raise ValueError(f"variant must be 'ideal' or 'feasible', got {variant!r}")
+        self.variant = variant
+
+    def describe(self) -> str:
+        if self.variant == "ideal":
+            return f"fedit-ideal (every client at rank R={self.rank}, budgets ignored)"
+        return f"fedit-feasible (every client at the smallest budget, rank {self.train_rank} of R={self.rank})"
+
+    def init_state(self, model: nn.Module) -> State:
+        state = super().init_state(model)
+        for layer in layer_names(state):
+            state[layer + A_SUFFIX][self.train_rank:] = 0
+            state[layer + B_SUFFIX][:, self.train_rank:] = 0
+        return state
+
+    def client_rank(self, client: ClientInfo) -> int:
+        if self.variant == "feasible" and client.budget < self.train_rank:
+            raise ValueError(f"client {client.cid} has budget {client.budget} < min_rank {self.train_rank}: "
+                             "min_rank must be the smallest budget in the federation")
+        return self.train_rank
+
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        if not updates:
+            return dict(state)
+        weights = self.client_weights(updates)
+        new = padded_average(state, updates, {layer: weights for layer in layer_names(state)})
+        new.update(average_heads(state, updates, weights))
+        return new

@@ -1,0 +1,83 @@
+"""FlexLoRA (Bai et al., NeurIPS 2024): average in product space, hand out SVD truncations."""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.model import A_SUFFIX, B_SUFFIX
+from .base import ClientTask, ClientUpdate, LeadingPairsMethod, State, average_heads, layer_names, stack_pairs
+
+
+def _to_rank(US: torch.Tensor, V: torch.Tensor, rank: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r S_r, V_r^T) with exactly ``rank`` pairs.
+
+    When the product has fewer singular directions than ``rank``, the extra pairs
+    get B = 0 and A = random unit rows orthogonal to the others: they add nothing,
+    yet a later client can still train them (an all-zero pair never could).
+    """
+    US, V = US[:, :rank], V[:, :rank]
+    missing = rank - V.shape[1]
+    if missing > 0:
+        G = torch.randn(V.shape[0], missing, generator=generator, dtype=V.dtype).to(V.device)
+        Q, _ = torch.linalg.qr(G - V @ (V.T @ G))
+        V = torch.cat([V, Q], dim=1)
+        US = torch.cat([US, US.new_zeros(US.shape[0], missing)], dim=1)
+    return US, V.T
+
+
+def svd_truncation(X: torch.Tensor, Y: torch.Tensor, rank: int, generator: torch.Generator):
+    """Rank-``rank`` truncated SVD of X @ Y (d_out x K times K x d_in) without forming it.
+
+    X = Qx Rx and Y^T = Qy Ry (thin QRs), so X @ Y = Qx (Rx Ry^T) Qy^T with
+    orthonormal Qx, Qy: the SVD of the K x K middle gives the SVD of the product.
+    """
+    Qx, Rx = torch.linalg.qr(X)
+    Qy, Ry = torch.linalg.qr(Y.T)
+    U, S, Vh = torch.linalg.svd(Rx @ Ry.T, full_matrices=False)
+    return _to_rank((Qx @ U) * S, Qy @ Vh.T, rank, generator)
+
+
+def dense_svd_truncation(X: torch.Tensor, Y: torch.Tensor, rank: int, generator: torch.Generator):
+    """Reference path: the SVD of the materialised d_out x d_in product."""
+    U, S, Vh = torch.linalg.svd(X @ Y, full_matrices=False)
+    return _to_rank(U * S, Vh.T, rank, generator)
+
+
+class FlexLoRA(LeadingPairsMethod):
+    """The server forms dW = sum_i w_i s B_i A_i (``weighting``, samples by default)
+    and keeps its rank-R truncated SVD as the global state: B = U_R S_R / s and
+    A = V_R^T, so that s B A is the truncation under the common scale s.
+
+    The pairs are stored in descending singular-value order, so client i's rank-r_i
+    truncation of dW is just the first r_i pairs, and truncating to R first loses
+    nothing for any client (r_i <= R). What it does lose is in the global model that
+    is evaluated and exported, and it is measured as aggregation noise. Round 0's
+    state is LoRA's init (dW = 0), whose first r_i pairs are a rank-r_i LoRA init.
+
+    ``svd="qr"`` (default) never forms d_out x d_in: thin QRs of the stacked factors
+    and the SVD of a K x K matrix, K = sum_i r_i. ``svd="dense"`` is the reference.
+    """
+
+    name = "flexlora"
+
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr") -> None:
+        super().__init__(plora, weighting, seed)
+        if svd not in ("qr", "dense"):
+            raise ValueError(f"svd must be 'qr' (stacked factors) or 'dense' (reference), got {svd!r}")
+        self.svd = svd
+
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        if not updates:
+            return dict(state)
+        weights, s = self.client_weights(updates), self.plora.scale
+        truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
+        generator = torch.Generator().manual_seed(self.seed)
+        new: State = {}
+        for layer in layer_names(state):
+            B, A = stack_pairs(weights, updates, layer)
+            US, Vt = truncate(s * B, A, self.rank, generator)
+            new[layer + A_SUFFIX] = Vt.to(state[layer + A_SUFFIX].dtype)
+            new[layer + B_SUFFIX] = (US / s).to(state[layer + B_SUFFIX].dtype)
+        new.update(average_heads(state, updates, weights))
+        return new

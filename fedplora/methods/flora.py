@@ -1,0 +1,140 @@
+"""FLoRA (Wang et al., NeurIPS 2024): stack the clients' LoRAs, merge them into the base, restart.
+
+Stacking [w_1 B_1 | ... | w_n B_n] [A_1; ...; A_n] = sum_i w_i B_i A_i is the exact
+product-space average, so FLoRA has neither initialization nor aggregation
+noise; it pays with a fresh adapter every round and a dense downlink.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_plora_state_dict
+from ..adapters.layer import init_pairs_A_
+from ..adapters.model import A_SUFFIX, B_SUFFIX
+from ..measure import LayerFactors
+from .base import (
+    ClientInfo,
+    ClientTask,
+    ClientUpdate,
+    FederatedMethod,
+    State,
+    average_heads,
+    head_keys,
+    leading_pairs,
+    stack_pairs,
+)
+
+DELTA_SUFFIX = ".flora_delta"
+
+
+def _deltas(state: State) -> dict[str, torch.Tensor]:
+    return {k[: -len(DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(DELTA_SUFFIX)}
+
+
+def _heads(state: State) -> State:
+    return {k: v for k, v in state.items() if not k.endswith(DELTA_SUFFIX)}
+
+
+def fresh_generator(init_seed: list[int], layer_index: int) -> torch.Generator:
+    """The generator of one layer's fresh A: one seed, the round and the client fix every draw."""
+    seed = np.random.SeedSequence([*init_seed, layer_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+class FLoRA(FederatedMethod):
+    """FLoRA with a dense merged delta as the global state.
+
+    State: per adapted layer D = s * (sum of every earlier round's stack), a
+    d_out x d_in tensor in float32 or wider, plus the heads. This costs one extra
+    copy of the adapted weights, but stays that size: stacked factors would grow
+    by sum_i r_i pairs every round and outgrow it after d_in d_out / (d_in + d_out)
+    pairs. Client i computes W0 + D (a base offset under the pairs, W0 kept
+    pristine) and trains a fresh rank-r_i LoRA: A drawn with a generator seeded by
+    (seed, round, cid, layer), B = 0, so it starts exactly at the global model.
+
+    Downlink: D and the heads. Clients here keep nothing between rounds, so the
+    server must send the merged weights; a client that kept its merged model would
+    only need the previous round's stack, sum_i r_i (d_in + d_out) numbers a layer.
+    The global model is not a rank-R LoRA, so it cannot be exported as one.
+    Measuring its noise (always 0) forms D @ I: O(d_out d_in^2) a layer.
+    """
+
+    name = "flora"
+
+    # ------------------------------------------------------------ server side
+    def init_state(self, model: nn.Module) -> State:
+        state: State = {}
+        for name, layer in plora_layers(model):
+            dtype = torch.promote_types(layer.plora_A.dtype, torch.float32)
+            state[name + DELTA_SUFFIX] = torch.zeros(layer.d_out, layer.d_in, dtype=dtype, device=layer.plora_A.device)
+        full = get_plora_state_dict(model)
+        state.update({k: full[k] for k in head_keys(full)})
+        return state
+
+    def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
+        config = {"rank": self.client_rank(client), "init_seed": [self.seed, server_round, client.cid]}
+        return ClientTask(arrays=dict(state), config=config)
+
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        if not updates:
+            return dict(state)
+        weights = self.client_weights(updates)
+        new: State = {}
+        for layer, D in _deltas(state).items():
+            B, A = stack_pairs(weights, updates, layer)  # the stacked global update of this round
+            new[layer + DELTA_SUFFIX] = (D.double() + self.plora.scale * (B @ A)).to(D.dtype)
+        new.update(average_heads(_heads(state), updates, weights))
+        return new
+
+    # ------------------------------------------------------------ client side
+    def client_setup(self, model: nn.Module, task: ClientTask) -> None:
+        rank = task.config["rank"]
+        fresh = dict(_heads(task.arrays))
+        for k, (name, layer) in enumerate(plora_layers(model)):
+            A = torch.empty(self.rank, layer.d_in, dtype=layer.plora_A.dtype)
+            init_pairs_A_(A, self.plora.init_a, fresh_generator(task.config["init_seed"], k))
+            A[rank:] = 0
+            fresh[name + A_SUFFIX], fresh[name + B_SUFFIX] = A, torch.zeros(layer.d_out, self.rank, dtype=A.dtype)
+            layer.set_base_offset(task.arrays[name + DELTA_SUFFIX])
+        set_plora_state_dict(model, fresh)
+        select_and_fold(model, range(rank))
+
+    def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate:
+        rank = task.config["rank"]
+        return ClientUpdate(leading_pairs(get_plora_state_dict(model), rank), {"rank": rank}, num_samples)
+
+    def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]:
+        rank = task.config["rank"]
+        shapes = {key: tuple(t.shape) for key, t in _heads(state).items()}
+        for layer, D in _deltas(state).items():
+            d_out, d_in = D.shape
+            shapes[layer + A_SUFFIX], shapes[layer + B_SUFFIX] = (rank, d_in), (d_out, rank)
+        return shapes
+
+    # ------------------------------------------------------------ global model
+    def load_global(self, model: nn.Module, state: State) -> None:
+        """W0 + D with zero pairs: the merged model (the heads from the state)."""
+        full = get_plora_state_dict(model)
+        set_plora_state_dict(model, {k: torch.zeros_like(v) for k, v in full.items()} | _heads(state))
+        for name, layer in plora_layers(model):
+            layer.set_base_offset(state[name + DELTA_SUFFIX])
+        select_and_fold(model, range(self.rank))
+
+    # ------------------------------------------------------------ measurement
+    def global_factors(self, state: State) -> LayerFactors:
+        return {layer: (D, torch.eye(D.shape[1], dtype=D.dtype, device=D.device))
+                for layer, D in _deltas(state).items()}
+
+    def client_start_factors(self, task: ClientTask) -> LayerFactors:
+        return self.global_factors(task.arrays)  # fresh B = 0: the client starts at W0 + D
+
+    def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
+        out = {}
+        for layer, (D, eye) in self.global_factors(task.arrays).items():
+            B, A = update.arrays[layer + B_SUFFIX], update.arrays[layer + A_SUFFIX]
+            out[layer] = (torch.cat([D, self.plora.scale * B.to(D.dtype)], dim=1),
+                          torch.cat([eye, A.to(D.dtype)], dim=0))
+        return out

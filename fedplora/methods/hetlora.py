@@ -1,0 +1,45 @@
+"""HetLoRA (Cho et al., EMNLP 2024): truncate to each client's rank, zero-pad back, norm-weighted average."""
+
+from __future__ import annotations
+
+from ..adapters.model import A_SUFFIX, B_SUFFIX
+from ..measure import norm_of_sum
+from .base import ClientTask, ClientUpdate, LeadingPairsMethod, State, average_heads, layer_names, padded_average
+
+
+class HetLoRA(LeadingPairsMethod):
+    """The server keeps rank R; client i gets the first r_i pairs (truncation).
+
+    Aggregation zero-pads every upload back to R pairs and averages A and B with
+    per-layer weights proportional to ||B_i A_i||_F ("sparsity-weighted"), so a
+    pair only some clients trained is pulled towards zero: the aggregation noise
+    Fed-PLoRA avoids. The norms come from the factors (``norm_of_sum``), never from
+    a materialised d_out x d_in product when the layer is large. If every norm is
+    zero the sample weights are used.
+
+    A pair that no sampled client trained would average to zero in both factors
+    and could never train again (both of its gradients vanish), so by default it
+    keeps its previous value; ``keep_untrained=False`` applies the literal rule.
+    The heads are FedAvg'd with ``weighting``. The paper's optional local rank
+    self-pruning is not implemented: it changes the client's training loss, which
+    this interface leaves to the trainer.
+    """
+
+    name = "hetlora"
+
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, keep_untrained: bool = True) -> None:
+        super().__init__(plora, weighting, seed)
+        self.keep_untrained = keep_untrained
+
+    def norm_weights(self, updates: list[ClientUpdate], layer: str) -> list[float]:
+        norms = [norm_of_sum([(1.0, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]) for u in updates]
+        total = sum(norms)
+        return [n / total for n in norms] if total > 0 else self.client_weights(updates)
+
+    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        if not updates:
+            return dict(state)
+        weights = {layer: self.norm_weights(updates, layer) for layer in layer_names(state)}
+        new = padded_average(state, updates, weights, self.keep_untrained)
+        new.update(average_heads(state, updates, self.client_weights(updates)))
+        return new
