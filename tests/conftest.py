@@ -56,3 +56,11 @@ def randomize_pairs(model, seed=1, scale=0.5):
 @pytest.fixture
 def ids():
     return torch.randint(0, 101, (3, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    from assets import make_tiny_model, make_tweets_slice
+
+    root = tmp_path_factory.mktemp("assets")
+    return {"model": str(make_tiny_model(root / "tiny-bert")), "data_dir": str(make_tweets_slice(root / "tweets"))}

@@ -1,0 +1,1 @@
+"""Flower wiring: ServerApp, ClientApp, the heterogeneous-rank strategy, simulation and deployment."""

@@ -1,0 +1,125 @@
+"""The Flower ClientApp: thin wiring around the method core.
+
+``query``: tell the server who this client is (its data partition id), how many
+examples it holds and its rank budget this round. ``train``: load the task the
+server sent, run the method's client side, train locally, reply with the update.
+Everything a client needs arrives in the message (``setup``), so the same app
+serves the Simulation Engine and real SuperNodes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..adapters import PLoRAConfig, get_plora_model, plora_layers
+from ..config import RunConfig
+from ..methods import make_method
+from ..tasks import make_task
+from ..tasks.partition import partition
+from ..training import local_seed, train_local
+from .heterogeneity import assign_budgets, round_budget
+from .messages import read_task, update_content
+
+app = ClientApp()
+
+# Settings that change the data or the model: a process keeps one runtime per distinct value.
+RUNTIME_KEYS = ("task", "model", "data_dir", "seed", "num_clients", "partitioner", "dirichlet_alpha",
+                "test_fraction", "max_seq_len", "rank", "alpha", "targets", "lora_dropout")
+
+
+def plora_config(cfg: RunConfig) -> PLoRAConfig:
+    return PLoRAConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.targets, dropout=cfg.lora_dropout)
+
+
+def method_options(cfg: RunConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed}
+    if cfg.method == "fedplora":
+        opts["selection"] = cfg.selection
+    return opts
+
+
+class ClientRuntime:
+    """The model and data partitions a client process keeps between messages."""
+
+    def __init__(self, cfg: RunConfig, cpus: float) -> None:
+        torch.set_num_threads(max(1, int(cpus)))
+        self.cfg = cfg
+        self.task = make_task(cfg)
+        train, _ = self.task.load_splits()
+        self.parts = partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha,
+                               self.task.label_column)
+        self.encoded: dict[int, Any] = {}
+        self.model = get_plora_model(self.task.build_model(), plora_config(cfg))
+
+    def data(self, cid: int):
+        if cid not in self.encoded:
+            self.encoded[cid] = self.task.encode(self.parts[cid])
+        return self.encoded[cid]
+
+
+_runtimes: dict[str, ClientRuntime] = {}
+
+
+def runtime(cfg: RunConfig, context: Context) -> ClientRuntime:
+    key = json.dumps({k: getattr(cfg, k) for k in RUNTIME_KEYS}, sort_keys=True)
+    if key not in _runtimes:
+        _runtimes.clear()  # one run at a time per process: free the previous model
+        _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)))
+    return _runtimes[key]
+
+
+def client_id(context: Context, cfg: RunConfig) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
+                         "--node-config \"partition-id=0 num-partitions=N\"")
+    cid = int(context.node_config["partition-id"])
+    if not 0 <= cid < cfg.num_clients:
+        raise ValueError(f"partition-id {cid} is outside [0, num_clients={cfg.num_clients})")
+    return cid
+
+
+def client_budget(context: Context, cfg: RunConfig, cid: int, server_round: int) -> int:
+    if "max-rank" in context.node_config:  # a real device declares its own budget
+        base = int(context.node_config["max-rank"])
+    else:
+        base = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)[cid]
+    return min(cfg.rank, round_budget(base, cfg.ranks, cfg.budget_fluctuation, cfg.seed, server_round, cid))
+
+
+def _setup(msg: Message) -> tuple[RunConfig, int]:
+    config = msg.content["config"]
+    return RunConfig.from_dict(json.loads(config["setup"])), int(config["round"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg, server_round = _setup(msg)
+    cid = client_id(context, cfg)
+    rt = runtime(cfg, context)
+    info = {"cid": cid, "budget": client_budget(context, cfg, cid, server_round), "num-examples": len(rt.parts[cid])}
+    return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task, setup, server_round = read_task(msg.content)
+    cfg = RunConfig.from_dict(setup)
+    cid = client_id(context, cfg)
+    budget = client_budget(context, cfg, cid, server_round)
+    if int(task.config.get("rank", 0)) > budget:
+        raise ValueError(f"asked to train {task.config['rank']} pairs but this client's budget is {budget}")
+    rt = runtime(cfg, context)
+    method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
+    method.client_setup(rt.model, task)
+    trained_pairs = max(int(layer.active_idx.numel()) for _, layer in plora_layers(rt.model))
+    data = rt.data(cid)
+    metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
+    update = method.client_update(rt.model, task, num_samples=len(data))
+    metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs})
+    return Message(update_content(update, metrics), reply_to=msg)

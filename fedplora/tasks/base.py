@@ -1,0 +1,52 @@
+"""What a task is: data, model, loss and metric. A new task is one small module.
+
+The federation only calls these methods; it does not know whether a task is
+classification or generation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from datasets import Dataset
+from torch import nn
+
+
+class DataError(ValueError):
+    """Data files are missing or malformed; the message names the file and the fix."""
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the headline metric (higher is better), e.g. "accuracy"
+    label_column: ClassVar[str | None] = "label"  # what label-skew partitioners split by
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    @abstractmethod
+    def load_splits(self) -> tuple[Dataset, Dataset]:
+        """(train, test), the same on every process for a given seed."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The plain transformers model (PLoRA is added by the caller); seeded head init."""
+
+    @abstractmethod
+    def encode(self, dataset: Dataset) -> Dataset:
+        """Tokenise once; rows become model inputs."""
+
+    @abstractmethod
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        """Metrics of ``model`` on an encoded dataset; must include ``self.metric``."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "metric": self.metric}

