@@ -39,6 +39,7 @@ class RunConfig:
     # method options
     weighting: str = "samples"  # or "uniform"
     selection: str = "shared"  # Fed-PLoRA: one index draw for all layers, or "per_layer"
+    fedit_variant: str = "ideal"  # FedIT: "ideal" (every client at R, ignores budgets) or "feasible" (smallest budget)
     # data
     partitioner: str = "iid"  # "iid" or "dirichlet"
     dirichlet_alpha: float = 0.5
@@ -140,6 +141,8 @@ class RunConfig:
         need(0 <= self.budget_fluctuation <= 1, f"budget_fluctuation: must be in [0, 1], got {self.budget_fluctuation!r}")
         need(self.weighting in ("samples", "uniform"), f"weighting: must be 'samples' or 'uniform', got {self.weighting!r}")
         need(self.selection in ("shared", "per_layer"), f"selection: must be 'shared' or 'per_layer', got {self.selection!r}")
+        need(self.fedit_variant in ("ideal", "feasible"),
+             f"fedit_variant: must be 'ideal' or 'feasible', got {self.fedit_variant!r}")
         need(self.partitioner in ("iid", "dirichlet"), f"partitioner: must be 'iid' or 'dirichlet', got {self.partitioner!r}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha!r}")
         need(0 < self.test_fraction < 1, f"test_fraction: must be in (0, 1), got {self.test_fraction!r}")

@@ -340,3 +340,34 @@ def test_base_offset_adds_a_delta_under_the_pairs_and_restores_w0_bit_exactly(ar
         assert torch.equal(layer.base_layer.weight, w0[name]) and layer.base_weight0 is None
     with pytest.raises(ValueError, match="base offset"):
         next(iter(plora_layers(model)))[1].set_base_offset(torch.zeros(2, 2))
+
+
+def test_flora_export_reproduces_the_merged_global_model(tmp_path, ids):
+    """FLoRA's global model is W0 + D (not rank R): its export must still load through PeftModel exactly."""
+    from peft import PeftModel
+
+    from fedplora import ClientInfo, PLoRAConfig, get_plora_model, trainable_parameters
+    from fedplora.methods import make_method
+
+    cfg = PLoRAConfig(rank=4, alpha=8)
+    method = make_method("flora", cfg, seed=0)
+    state = method.init_state(get_plora_model(tiny_bert(dtype=torch.float64), cfg))
+    tasks, updates = [], []
+    for cid, budget in enumerate([1, 2, 4]):
+        task = method.configure_client(state, ClientInfo(cid, budget, 10), 1)
+        model = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+        method.client_setup(model, task)
+        opt = torch.optim.AdamW(trainable_parameters(model), lr=0.05)
+        model.train()
+        model(input_ids=ids, labels=torch.tensor([0, 1, 2])).loss.backward()
+        opt.step()
+        model.eval()
+        tasks.append(task)
+        updates.append(method.client_update(model, task, 10))
+    state = method.aggregate(state, tasks, updates)
+    server = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+    method.load_global(server, state)
+    expected = logits(server, ids)
+    method.export_adapter(server, state, tmp_path / "flora")
+    loaded = PeftModel.from_pretrained(tiny_bert(dtype=torch.float64), str(tmp_path / "flora")).eval()
+    assert torch.allclose(logits(loaded, ids), expected, atol=1e-8)

@@ -40,6 +40,10 @@ def method_options(cfg: RunConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed}
     if cfg.method == "fedplora":
         opts["selection"] = cfg.selection
+    if cfg.method == "fedit":
+        opts["variant"] = cfg.fedit_variant
+        if cfg.fedit_variant == "feasible":  # every client at the smallest budget of the profile
+            opts["min_rank"] = min(cfg.ranks)
     return opts
 
 
@@ -111,10 +115,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_dict(setup)
     cid = client_id(context, cfg)
     budget = client_budget(context, cfg, cid, server_round)
-    if int(task.config.get("rank", 0)) > budget:
+    method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
+    if int(task.config.get("rank", 0)) > budget and not method.ignores_budgets:
         raise ValueError(f"asked to train {task.config['rank']} pairs but this client's budget is {budget}")
     rt = runtime(cfg, context)
-    method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     method.client_setup(rt.model, task)
     trained_pairs = max(int(layer.active_idx.numel()) for _, layer in plora_layers(rt.model))
     data = rt.data(cid)

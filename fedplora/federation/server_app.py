@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..adapters import export_peft_adapter, get_plora_model
+from ..adapters import get_plora_model
 from ..config import RunConfig
 from ..methods import make_method
 from ..reports import plot_run, write_json
@@ -76,8 +76,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         history.append(entry)
         progress.round(entry, task.metric, cfg.rounds)
 
-    method.load_global(model, strategy.state)
-    export_peft_adapter(model, out / "adapter", base_model_name_or_path=getattr(task, "model_path", None))
+    method.export_adapter(model, strategy.state, out / "adapter", getattr(task, "model_path", None))
     final = next(h["metrics"] for h in reversed(history) if h["metrics"])
     summary = {
         "method": cfg.method, "task": cfg.task, "model": getattr(task, "model_path", cfg.model),

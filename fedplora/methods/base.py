@@ -57,6 +57,7 @@ class UpdateRejected(ValueError):
 
 class FederatedMethod(ABC):
     name: ClassVar[str]
+    ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
 
     def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0) -> None:
         if weighting not in ("samples", "uniform"):
@@ -109,6 +110,13 @@ class FederatedMethod(ABC):
         """Make ``model`` compute the global model (for evaluation and export)."""
         set_plora_state_dict(model, state)
         select_and_fold(model, range(self.rank))
+
+    def export_adapter(self, model: nn.Module, state: State, path, base_model_name_or_path: str | None = None):
+        """The global model as a standard PEFT LoRA folder (``PeftModel.from_pretrained(base, path)``)."""
+        from ..adapters import export_peft_adapter
+
+        self.load_global(model, state)
+        return export_peft_adapter(model, path, base_model_name_or_path)
 
     # ------------------------------------------------------------ measurement
     def global_factors(self, state: State) -> LayerFactors:

@@ -40,6 +40,7 @@ class FedIT(LeadingPairsMethod):
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, variant: str = "ideal",
                  min_rank: int | None = None) -> None:
         super().__init__(plora, weighting, seed)
+        self.ignores_budgets = variant == "ideal"
         if variant == "ideal":
             if min_rank is not None:
                 raise ValueError("min_rank belongs to FedIT's 'feasible' variant; 'ideal' trains rank R")

@@ -123,6 +123,29 @@ class FLoRA(FederatedMethod):
             layer.set_base_offset(state[name + DELTA_SUFFIX])
         select_and_fold(model, range(self.rank))
 
+    def export_adapter(self, model: nn.Module, state: State, path, base_model_name_or_path: str | None = None):
+        """D is not rank R: export it exactly as a PEFT LoRA of its numerical rank K (SVD, scale 1)."""
+        from ..adapters import PLoRAConfig, export_peft_adapter, get_plora_model, unwrap_base_copy
+
+        factors = {}
+        for layer, D in _deltas(state).items():
+            U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+            keep = int((S > S.max().clamp_min(1e-30) * 1e-7).sum()) if S.numel() else 0
+            factors[layer] = (U[:, :keep] * S[:keep], Vh[:keep])
+        k = max(1, max(B.shape[1] for B, _ in factors.values()))
+        base = unwrap_base_copy(model)
+        cfg = PLoRAConfig(rank=k, alpha=float(k), target_modules=sorted(factors), modules_to_save=list(model.plora_heads))
+        export_model = get_plora_model(base, cfg)
+        pairs = {}
+        for layer, (B, A) in factors.items():
+            Bk = torch.zeros(B.shape[0], k, dtype=torch.float64)
+            Ak = torch.zeros(k, A.shape[1], dtype=torch.float64)
+            Bk[:, : B.shape[1]], Ak[: A.shape[0]] = B, A
+            dtype = state[layer + DELTA_SUFFIX].dtype
+            pairs[layer + A_SUFFIX], pairs[layer + B_SUFFIX] = Ak.to(dtype), Bk.to(dtype)
+        set_plora_state_dict(export_model, pairs | _heads(state))
+        return export_peft_adapter(export_model, path, base_model_name_or_path)
+
     # ------------------------------------------------------------ measurement
     def global_factors(self, state: State) -> LayerFactors:
         return {layer: (D, torch.eye(D.shape[1], dtype=D.dtype, device=D.device))
