@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ranks", type=_int_list, help="rank budgets of the client groups, e.g. 2,4,8")
     run.add_argument("--rank-shares", type=_float_list, help="share of clients per group, e.g. 1:1:1 or 6:3:1")
     run.add_argument("--targets", type=lambda s: s.split(","), help="target module names, e.g. query,value")
+    cmp = sub.add_parser("compare", parents=[run], add_help=False,
+                         help="run several methods on identical clients, partitions, budgets and seeds")
+    cmp.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                     default=["fedplora", "fedit", "hetlora", "flexlora", "flora"],
+                     help="comma-separated methods (also fedit-feasible); default all five")
+    cmp.add_argument("--seeds", type=_int_list, help="seeds to repeat every method with, e.g. 0,1,2 (default: --seed)")
     dep = sub.add_parser("deploy-local", parents=[run], add_help=False,
                          help="the same run on Flower's Deployment Engine: a SuperLink and one SuperNode "
                               "per --max-ranks entry, on loopback")
@@ -80,6 +86,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    out = Path(cfg.out or f"runs/compare-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from .compare import run_compare
+    from .federation.progress import Progress
+
+    seeds = args.seeds or [cfg.seed]
+    command = "fedplora " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fedplora") else ""
+    run_compare(cfg, args.methods, seeds, out, command=command, progress=Progress.console())
+    print((out / "comparison.md").read_text())
+    print(f"outputs in {out}/ (comparison.json, comparison.md, comparison_metric.png, comparison_noise.png)")
+    return 0
+
+
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(cfg.out or f"runs/deploy-{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -96,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "deploy-local":
             return cmd_deploy_local(args)
     except ConfigError as e:

@@ -1,0 +1,149 @@
+"""``fedplora compare``: every method on the same clients, partitions, budgets and seeds.
+
+Only the method differs between runs: each is a ``RunConfig`` with one field
+changed, executed by the same simulation, so the comparison is fair by
+construction. Outputs: comparison.json, comparison.md and two plots.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .methods import METHODS
+from .reports import write_json
+
+# names accepted in --methods beyond the registry: variants of one method
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fedit-feasible": {"method": "fedit", "fedit_variant": "feasible"},
+    "fedit-ideal": {"method": "fedit", "fedit_variant": "ideal"},
+}
+LABELS = {"fedit": "fedit (ideal: every client at R, ignores budgets)",
+          "fedit-feasible": "fedit-feasible (every client at the smallest budget)"}
+
+
+def method_config(cfg: RunConfig, name: str, seed: int, out: Path) -> RunConfig:
+    if name in VARIANTS:
+        overrides = dict(VARIANTS[name])
+    elif name in METHODS:
+        overrides = {"method": name}
+    else:
+        raise ConfigError(f"methods: unknown method {name!r}; choose from {sorted(METHODS) + sorted(VARIANTS)}")
+    return cfg.with_overrides(**overrides, seed=seed, out=str(out)).validate()
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per method: final metrics (mean/std over seeds), traffic, time, noise, aggregation time."""
+    table = {}
+    for name, summaries in runs.items():
+        rounds = [h for s in summaries for h in s["history"] if h["round"] > 0]
+        metrics = sorted(summaries[0]["final"])
+        table[name] = {
+            "label": LABELS.get(name, name),
+            "seeds": [s["seed"] for s in summaries],
+            "final": {m: _mean_std([s["final"][m] for s in summaries]) for m in metrics},
+            "bytes_up_total": statistics.fmean(s["bytes_up_total"] for s in summaries),
+            "bytes_down_total": statistics.fmean(s["bytes_down_total"] for s in summaries),
+            "wall_s": statistics.fmean(s["wall_s"] for s in summaries),
+            "init_noise_mean": statistics.fmean(h["init_noise"] for h in rounds),
+            "agg_noise_mean": statistics.fmean(h["agg_noise"] for h in rounds),
+            "agg_s_mean": statistics.fmean(h.get("agg_s", 0.0) for h in rounds),
+            "per_round": {
+                "round": [h["round"] for h in summaries[0]["history"]],
+                summaries[0]["metric"]: [statistics.fmean(s["history"][k]["metrics"].get(summaries[0]["metric"], float("nan"))
+                                                          for s in summaries) for k in range(len(summaries[0]["history"]))],
+                "init_noise": [statistics.fmean(s["history"][k]["init_noise"] for s in summaries)
+                               for k in range(len(summaries[0]["history"]))],
+                "agg_noise": [statistics.fmean(s["history"][k]["agg_noise"] for s in summaries)
+                              for k in range(len(summaries[0]["history"]))],
+            },
+        }
+    return table
+
+
+def markdown(table: dict[str, Any], metric: str, cfg: RunConfig, command: str) -> str:
+    metrics = list(next(iter(table.values()))["final"])
+    head = ["method", *[f"{m} (mean ± std)" for m in metrics], "up MB", "down MB", "init noise", "agg noise",
+            "agg ms/round", "wall s"]
+    lines = [f"# Comparison on `{cfg.task}` ({cfg.num_clients} clients, {cfg.clients_per_round} per round, "
+             f"{cfg.rounds} rounds, R={cfg.rank}, budgets {cfg.ranks} at {':'.join(f'{s:g}' for s in cfg.rank_shares)}, "
+             f"{cfg.partitioner} partitions)", "", f"Command: `{command}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in table.items():
+        cells = [row["label"], *[f"{row['final'][m]['mean']:.4f} ± {row['final'][m]['std']:.4f}" for m in metrics],
+                 f"{row['bytes_up_total'] / 1e6:.2f}", f"{row['bytes_down_total'] / 1e6:.2f}",
+                 f"{row['init_noise_mean']:.3g}", f"{row['agg_noise_mean']:.3g}", f"{1000 * row['agg_s_mean']:.1f}",
+                 f"{row['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Seeds: {next(iter(table.values()))['seeds']}. Noise: initialization = ||dW_global - dW_client_start||_F "
+              "summed over adapted layers (mean over clients and rounds); aggregation = ||mean_i B_i A_i - B_new A_new||_F "
+              "(sample-weighted ideal vs what the server forms). Bytes: arrays actually sent, all rounds."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, Any], metric: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, row in table.items():
+        ax.plot(row["per_round"]["round"], row["per_round"][metric], marker="o", label=name)
+    ax.set(xlabel="round", ylabel=f"test {metric}", title=f"{metric} per round (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "comparison_metric.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax in zip(("init_noise", "agg_noise"), axes):
+        for name, row in table.items():
+            rs, vs = row["per_round"]["round"][1:], row["per_round"][key][1:]
+            ax.plot(rs, [max(v, 1e-12) for v in vs], marker="o", label=name)
+        ax.set(xlabel="round", ylabel=key.replace("_", " "), yscale="log",
+               title=f"{key.replace('_', ' ')} per round (0 shown at 1e-12)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "comparison_noise.png", dpi=110)
+    plt.close(fig)
+
+
+def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path, command: str = "",
+                progress=None) -> dict[str, Any]:
+    from .federation.simulation import run_simulation
+
+    if not methods:
+        raise ConfigError("methods: give at least one, e.g. --methods fedplora,fedit,hetlora,flexlora,flora")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods: {methods} names a method twice")
+    plans = {name: [method_config(cfg, name, s, out / name / f"seed-{s}") for s in seeds] for name in methods}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    for seed_index in range(len(seeds)):  # seed-major: a partial comparison still covers every method
+        for name in methods:
+            run_cfg = plans[name][seed_index]
+            if progress is not None:
+                progress.status(f"{name}, seed {run_cfg.seed}")
+            runs[name].append(run_simulation(run_cfg, Path(run_cfg.out), progress))
+    table = summarize(runs)
+    metric = next(iter(runs.values()))[0]["metric"]
+    result = {"task": cfg.task, "metric": metric, "seeds": seeds, "command": command,
+              "config": cfg.to_dict(), "methods": table}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "comparison.json", result)
+    (out / "comparison.md").write_text(markdown(table, metric, cfg, command))
+    plot(table, metric, out)
+    return result
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads((path / "comparison.json").read_text())
