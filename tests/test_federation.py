@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from fedplora.config import RunConfig
 from fedplora.federation.client_app import method_options, plora_config
-from fedplora.federation.heterogeneity import assign_budgets
+from fedplora.federation.heterogeneity import assign_budgets, round_budget
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _cfg(assets, tmp_path, **kw):
     base = dict(model=assets["model"], data_dir=assets["data_dir"], rounds=2, num_clients=4, clients_per_round=3,
                 rank=4, alpha=8, ranks=[1, 2, 4], rank_shares=[2, 1, 1], local_steps=2, batch_size=8,
-                eval_max_examples=40, max_seq_len=32, lr=5e-3, seed=11, out=str(tmp_path))
+                eval_max_examples=40, max_seq_len=32, lr=5e-3, seed=11, budget_fluctuation=0.4, out=str(tmp_path))
     base.update(kw)
     return RunConfig(**base).validate()
 
@@ -36,7 +36,9 @@ def _replay_with_method_core(cfg):
     parts = partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha)
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     state = method.init_state(get_plora_model(task.build_model(), plora_config(cfg)))
-    budgets = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)
+    base = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)
+    budgets = {(rnd, cid): round_budget(base[cid], cfg.ranks, cfg.budget_fluctuation, cfg.seed, rnd, cid)
+               for rnd in range(1, cfg.rounds + 1) for cid in range(cfg.num_clients)}
     client_model = get_plora_model(task.build_model(), plora_config(cfg))
     for rnd in range(1, cfg.rounds + 1):
         rng = np.random.default_rng([cfg.seed, rnd, 1])
@@ -44,7 +46,7 @@ def _replay_with_method_core(cfg):
         tasks, updates = [], []
         for cid in cids:
             data = task.encode(parts[cid])
-            t = method.configure_client(state, ClientInfo(cid, budgets[cid], len(data)), rnd)
+            t = method.configure_client(state, ClientInfo(cid, budgets[rnd, cid], len(data)), rnd)
             method.client_setup(client_model, t)
             train_local(client_model, task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                         weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, rnd, cid))
@@ -74,13 +76,14 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
     for h in first["history"][1:]:
         assert len(h["clients"]) == 3 and not h["failures"]
         for c in h["clients"]:
-            assert c["budget"] == budgets[c["cid"]]
+            assert c["budget"] == budgets[h["round"], c["cid"]]  # this round's budget, fluctuation included
             assert c["trained_pairs"] == c["rank"] == c["budget"] <= 4
             assert c["bytes_down"] == n_layers * 4 * (d_in + d_out) * 4 + head_bytes
             assert c["bytes_up"] == n_layers * c["rank"] * (d_in + d_out) * 4 + head_bytes
         assert h["bytes_up"] == sum(c["bytes_up"] for c in h["clients"])
         assert h["init_noise"] == 0.0 and h["agg_noise"] > 0
     assert any(c["rank"] == 1 for h in first["history"][1:] for c in h["clients"])
+    assert any(budgets[k] != budgets[1, k[1]] for k in budgets)  # some budget changed between rounds
 
     # the global state after aggregation equals the core's, through the exported PEFT adapter
     exported = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
