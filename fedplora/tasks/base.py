@@ -30,6 +30,19 @@ class Task(ABC):
     def load_splits(self) -> tuple[Dataset, Dataset]:
         """(train, test), the same on every process for a given seed."""
 
+    @property
+    def model_path(self) -> str:
+        """The model this task fine-tunes: ``--model`` (local folder or hub name) or the task's default."""
+        return self.config.model or self.default_model_path()
+
+    def default_model_path(self) -> str:
+        raise DataError(f"task {self.name}: no default model; pass --model PATH")
+
+    @property
+    def partition_column(self) -> str | None:
+        """The column the label-skew and natural partitioners split by (``--partition-column`` overrides)."""
+        return getattr(self.config, "partition_column", None) or self.label_column
+
     @abstractmethod
     def build_model(self) -> nn.Module:
         """The plain transformers model (PLoRA is added by the caller); seeded head init."""
@@ -49,4 +62,4 @@ class Task(ABC):
         """Metrics of ``model`` on an encoded dataset; must include ``self.metric``."""
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "metric": self.metric}
+        return {"task": self.name, "metric": self.metric, "model": self.model_path}

@@ -1,4 +1,9 @@
-"""Sequence classification: text -> one of k labels, with a trained classifier head."""
+"""Sequence classification: text -> one of k labels, with a trained classifier head.
+
+A classification task is a ``load_corpus`` (one labelled corpus, split by ``test_fraction``)
+or a ``load_splits`` (a corpus that comes with its own train/test files, e.g. SST-2).
+Metrics: accuracy, macro-F1, MCC and the held-out loss.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
 from .base import DataError, Task
+from .metrics import accuracy_f1_mcc
 from .models import load_sequence_classifier, load_tokenizer
 
 
@@ -17,26 +23,15 @@ def make_dataset(texts: list[str], labels: list[int], label_names: list[str]) ->
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def accuracy_and_f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    f1s = []
-    for k in range(num_labels):
-        tp = np.sum((preds == k) & (labels == k))
-        fp = np.sum((preds == k) & (labels != k))
-        fn = np.sum((preds != k) & (labels == k))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
-
-
 class ClassificationTask(Task):
     metric = "accuracy"
-    default_model: str | None = None  # a path or hub name; subclasses set it
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self._tokenizer = None
         self.label_names: list[str] = []
 
-    # subclasses: return (texts, labels, label_names) for the whole corpus, or (train, test) splits
+    # subclasses: return (texts, labels, label_names) for the whole corpus, or override load_splits
     def load_corpus(self) -> tuple[list[str], list[int], list[str]]:
         raise NotImplementedError
 
@@ -49,10 +44,6 @@ class ClassificationTask(Task):
         split = data.train_test_split(test_size=self.config.test_fraction, seed=self.config.seed,
                                       stratify_by_column="label")
         return split["train"], split["test"]
-
-    @property
-    def model_path(self) -> str:
-        return self.config.model or self.default_model_path()
 
     def default_model_path(self) -> str:
         from .models import minilm_path
@@ -68,7 +59,10 @@ class ClassificationTask(Task):
     def build_model(self):
         if not self.label_names:
             self.load_splits()
-        return load_sequence_classifier(self.model_path, len(self.label_names), seed=self.config.seed)
+        model = load_sequence_classifier(self.model_path, len(self.label_names), seed=self.config.seed)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
 
     def encode(self, dataset: Dataset) -> Dataset:
         tok = self.tokenizer
@@ -96,6 +90,6 @@ class ClassificationTask(Task):
             preds.append(out.logits.argmax(-1).numpy())
             labels.append(batch["labels"].numpy())
         p, y = np.concatenate(preds), np.concatenate(labels)
-        metrics = accuracy_and_f1(p, y, int(model.config.num_labels))
+        metrics = accuracy_f1_mcc(p, y, int(model.config.num_labels))
         metrics["loss"] = sum(losses) / len(dataset)
         return metrics
