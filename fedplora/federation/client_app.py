@@ -10,8 +10,10 @@ serves the Simulation Engine and real SuperNodes.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -109,11 +111,26 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
 
+def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) -> bool:
+    """Failure injection (tests, drills): ``fail_fraction`` of all clients are down in each round, seeded.
+
+    The failing set is drawn from (seed, round, attempt), so a run is reproducible and a retried
+    round meets other failures.
+    """
+    k = int(round(cfg.fail_fraction * cfg.num_clients))
+    down = np.random.default_rng([cfg.seed, server_round, attempt, 4049]).permutation(cfg.num_clients)[:k]
+    return cid in down.tolist()
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task, setup, server_round = read_task(msg.content)
     cfg = RunConfig.from_dict(setup)
     cid = client_id(context, cfg)
+    if injected_failure(cfg, server_round, int(msg.content["config"].get("attempt", 0)), cid):
+        if cfg.fail_mode == "error":
+            raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, round {server_round}")
+        time.sleep(cfg.round_timeout)  # "straggle": the reply comes after the server stopped waiting
     budget = client_budget(context, cfg, cid, server_round)
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     if int(task.config.get("rank", 0)) > budget and not method.ignores_budgets:

@@ -14,13 +14,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import RunConfig
 from ..measure import aggregation_noise, init_noise, nbytes
-from ..methods import ClientInfo, ClientTask, FederatedMethod, UpdateRejected
+from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
 from .messages import read_update, task_content
 
@@ -39,13 +40,29 @@ class RoundRecord:
     agg_s: float = 0.0
     train_loss: float | None = None
     aggregated: bool = False
+    attempts: int = 1
+
+    def fail(self, cid: int | None, stage: str, reason: str) -> None:
+        """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
+        self.failures.append({"cid": cid, "stage": stage, "reason": reason, "attempt": self.attempts - 1})
+
+    def entry(self) -> dict[str, Any]:
+        """The round's history entry (metrics and wall time are added by the server loop)."""
+        return {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "init_noise": self.init_noise, "agg_noise": self.agg_noise, "agg_s": self.agg_s,
+                "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
+                "clients": self.clients, "failures": self.failures}
 
 
 class HeteroLoRAStrategy(Strategy):
-    def __init__(self, method: FederatedMethod, cfg: RunConfig, state: State) -> None:
+    """``dtypes``: the dtype each uploaded array must have (the model's trainables); None skips that check."""
+
+    def __init__(self, method: FederatedMethod, cfg: RunConfig, state: State,
+                 dtypes: dict[str, torch.dtype] | None = None) -> None:
         self.method = method
         self.cfg = cfg
         self.state = state
+        self.dtypes = dtypes or {}
         self.setup = cfg.to_dict()
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
@@ -53,14 +70,21 @@ class HeteroLoRAStrategy(Strategy):
 
     # ------------------------------------------------------------ discovery
     def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
-        """Wait for the clients to connect and learn which node holds which client id."""
+        """Wait for the clients to connect and learn which node holds which client id.
+
+        ``timeout`` covers connecting and the first answer (a cold client loads its model and data first).
+        """
         deadline = time.monotonic() + timeout
         while len(node_ids := list(grid.get_node_ids())) < self.cfg.num_clients:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(node_ids)} of num_clients={self.cfg.num_clients} nodes connected "
-                                   f"within {timeout:.0f}s")
+                                   f"within connect_timeout={timeout:g}s")
             time.sleep(0.5)
-        replies = grid.send_and_receive([self._query(n, 0) for n in node_ids], timeout=timeout)
+        replies = list(grid.send_and_receive([self._query(n, 0) for n in node_ids],
+                                             timeout=max(1.0, deadline - time.monotonic())))
+        if len(replies) < len(node_ids):
+            silent = sorted(set(node_ids) - {r.metadata.src_node_id for r in replies})
+            raise TimeoutError(f"nodes {silent} did not answer the first query within connect_timeout={timeout:g}s")
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
@@ -74,11 +98,14 @@ class HeteroLoRAStrategy(Strategy):
         content = RecordDict({"config": ConfigRecord({"setup": _json(self.setup), "round": server_round})})
         return Message(content=content, message_type="query", dst_node_id=node_id)
 
-    def sample(self, server_round: int) -> list[int]:
-        """Client ids for this round: seeded, so runs with one seed sample the same clients."""
+    def sample(self, server_round: int, attempt: int = 0) -> list[int]:
+        """Client ids for this round: seeded, so runs with one seed sample the same clients.
+
+        A retried round (``attempt`` > 0) draws a fresh sample: the clients that failed may still be down.
+        """
         cids = sorted(self.nodes)
         k = min(self.cfg.clients_per_round, len(cids))
-        rng = np.random.default_rng([self.cfg.seed, server_round, 1])
+        rng = np.random.default_rng([self.cfg.seed, server_round, 1] + ([attempt] if attempt else []))
         return sorted(int(c) for c in rng.choice(cids, size=k, replace=False))
 
     def client_infos(self, grid: Grid, server_round: int, cids: list[int]) -> list[ClientInfo]:
@@ -86,33 +113,42 @@ class HeteroLoRAStrategy(Strategy):
         replies = grid.send_and_receive([self._query(self.nodes[c], server_round) for c in cids],
                                         timeout=self.cfg.round_timeout)
         by_node = {v: k for k, v in self.nodes.items()}
-        infos = []
+        infos, answered = {}, set()
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id)
-            if reply.has_error():
-                self.record.failures.append({"cid": cid, "stage": "query", "reason": reply.error.reason})
-                continue
-            info = reply.content["info"]
-            infos.append(ClientInfo(cid=int(info["cid"]), budget=int(info["budget"]),
-                                    num_samples=int(info["num-examples"])))
-        answered = {i.cid for i in infos} | {f["cid"] for f in self.record.failures}
+            if cid not in cids or cid in answered:
+                continue  # not asked, or a second answer: only the first counts
+            answered.add(cid)
+            try:
+                if reply.has_error():
+                    raise ValueError(reply.error.reason)
+                info = reply.content["info"]
+                if int(info["cid"]) != cid:
+                    raise ValueError(f"node of client {cid} answered as client {info['cid']}")
+                infos[cid] = ClientInfo(cid=cid, budget=int(info["budget"]), num_samples=int(info["num-examples"]))
+            except Exception as e:  # a broken answer drops this client, never the round
+                self.record.fail(cid, "query", str(e) or type(e).__name__)
         for cid in cids:
             if cid not in answered:
-                self.record.failures.append({"cid": cid, "stage": "query", "reason": "no reply within the timeout"})
-        return sorted(infos, key=lambda i: i.cid)
+                self.record.fail(cid, "query", "no reply within the timeout")
+        return [infos[c] for c in sorted(infos)]
 
     # ------------------------------------------------------------ Flower's strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.record = RoundRecord(round=server_round)
-        infos = self.client_infos(grid, server_round, self.sample(server_round))
+                        grid: Grid, attempt: int = 0) -> Iterable[Message]:
+        """One message per sampled client; a retry (``attempt`` > 0) adds to the round's record."""
+        if attempt == 0:
+            self.record = RoundRecord(round=server_round)
+        self.record.attempts, self.record.clients = attempt + 1, []
+        infos = self.client_infos(grid, server_round, self.sample(server_round, attempt))
         messages, self._pending = [], {}
         for info in infos:
             task = self.method.configure_client(self.state, info, server_round)
             node = self.nodes[info.cid]
             self._pending[node] = (info.cid, task)
-            messages.append(Message(content=task_content(task, self.setup, server_round),
-                                    message_type="train", dst_node_id=node))
+            content = task_content(task, self.setup, server_round)
+            content["config"]["attempt"] = attempt
+            messages.append(Message(content=content, message_type="train", dst_node_id=node))
             self.record.bytes_down += nbytes(task.arrays)
         return messages
 
@@ -123,40 +159,44 @@ class HeteroLoRAStrategy(Strategy):
         seen = set()
         for reply in replies:
             node = reply.metadata.src_node_id
-            if node not in self._pending:
-                continue
+            if node not in self._pending or node in seen:
+                continue  # not asked this attempt, or a second reply: only the first counts
             cid, task = self._pending[node]
             seen.add(node)
             if reply.has_error():
-                rec.failures.append({"cid": cid, "stage": "train", "reason": reply.error.reason})
+                rec.fail(cid, "train", reply.error.reason)
                 continue
             try:
                 update, metrics = read_update(reply.content)
                 rec.bytes_up += nbytes(update.arrays)
-                self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
-            except (UpdateRejected, ValueError, KeyError, TypeError) as e:
-                rec.failures.append({"cid": cid, "stage": "validate", "reason": str(e)})
+                self.check_reply(task, update)
+                loss = float(metrics["train_loss"]) if "train_loss" in metrics else None
+                client = {"cid": cid, "rank": int(task.config.get("rank", self.method.rank)),
+                          "budget": int(metrics.get("budget", 0)), "trained_pairs": int(metrics.get("trained-pairs", 0)),
+                          "num_samples": update.num_samples, "bytes_down": nbytes(task.arrays),
+                          "bytes_up": nbytes(update.arrays), "train_loss": loss}
+            except UpdateRejected as e:
+                rec.fail(cid, "validate", str(e))
+                continue
+            except Exception as e:  # whatever a broken reply makes the checks raise: rejected, never a crash
+                rec.fail(cid, "validate", f"malformed reply ({type(e).__name__}: {e})")
                 continue
             tasks.append(task)
             updates.append(update)
-            losses.append(metrics.get("train_loss"))
-            accepted.append({"cid": cid, "rank": int(task.config.get("rank", self.method.rank)),
-                             "budget": int(metrics.get("budget", 0)), "trained_pairs": int(metrics.get("trained-pairs", 0)),
-                             "num_samples": update.num_samples, "bytes_down": nbytes(task.arrays),
-                             "bytes_up": nbytes(update.arrays), "train_loss": metrics.get("train_loss")})
+            losses.append(loss)
+            accepted.append(client)
         for node, (cid, _) in self._pending.items():
             if node not in seen:
-                rec.failures.append({"cid": cid, "stage": "train", "reason": "no reply within the timeout"})
+                rec.fail(cid, "train", "no reply within the timeout")
         # replies arrive in any order; aggregate in client-id order so float sums are reproducible
         order = sorted(range(len(accepted)), key=lambda k: accepted[k]["cid"])
         tasks, updates = [tasks[k] for k in order], [updates[k] for k in order]
         losses, accepted = [losses[k] for k in order], [accepted[k] for k in order]
-        rec.failures.sort(key=lambda f: (f["cid"] is None, f["cid"] or 0, f["stage"]))
+        rec.failures.sort(key=lambda f: (f["attempt"], f["cid"] is None, f["cid"] or 0, f["stage"]))
         rec.clients = accepted
         if len(updates) < self.cfg.min_replies:
-            rec.failures.append({"cid": None, "stage": "round",
-                                 "reason": f"only {len(updates)} valid replies, min_replies={self.cfg.min_replies}: "
-                                           "round skipped, global state unchanged"})
+            rec.fail(None, "round", f"only {len(updates)} valid replies, min_replies={self.cfg.min_replies}: "
+                                    "nothing aggregated, global state unchanged")
             return None, None
         t0 = time.perf_counter()
         new_state = self.method.aggregate(self.state, tasks, updates)
@@ -170,6 +210,33 @@ class HeteroLoRAStrategy(Strategy):
         rec.aggregated = True
         self.state = new_state  # only now: a failed aggregation leaves the old state in place
         return None, MetricRecord({"bytes-up": rec.bytes_up, "bytes-down": rec.bytes_down})
+
+    def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
+        """Every check before aggregation: the reply's own claims and dtypes here, then the method's validation.
+
+        A reply must declare the work it was given (its rank and pair indices are the task's:
+        distinct, within [0, R), no more than its rank) and send each array in the model's dtype;
+        the method then checks keys, shapes, finiteness, the sample count and the norm bound.
+        """
+        R, rank = self.method.rank, int(task.config.get("rank", self.method.rank))
+        indices = update.config.get("indices")
+        if indices is not None:
+            if not isinstance(indices, dict):
+                raise UpdateRejected("declared indices must map layer -> list of pair indices")
+            for layer, idx in indices.items():
+                if not isinstance(idx, list) or not all(type(i) is int and 0 <= i < R for i in idx):
+                    raise UpdateRejected(f"{layer}: declared indices {idx!r} are not pair indices in [0, {R})")
+                if len(set(idx)) != len(idx):
+                    raise UpdateRejected(f"{layer}: declared indices {idx} repeat a pair")
+                if len(idx) > rank:
+                    raise UpdateRejected(f"{layer}: {len(idx)} indices declared, more than the client's rank {rank}")
+        for key in ("rank", "indices"):
+            if key in update.config and key in task.config and update.config[key] != task.config[key]:
+                raise UpdateRejected(f"declared {key} differs from the task's ({update.config[key]!r} != {task.config[key]!r})")
+        for key, t in update.arrays.items():
+            if key in self.dtypes and t.dtype != self.dtypes[key]:
+                raise UpdateRejected(f"{key}: expected dtype {self.dtypes[key]}, got {t.dtype}")
+        self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the global model is evaluated centrally on the server's held-out split
