@@ -16,11 +16,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..adapters import get_plora_model
+from ..adapters import get_plora_model, get_plora_state_dict
 from ..config import RunConfig
 from ..methods import make_method
 from ..reports import plot_run, write_json
 from ..tasks import make_task
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, start_fresh
 from .client_app import method_options, plora_config
 from .progress import Progress
 from .strategy import HeteroLoRAStrategy
@@ -35,10 +36,26 @@ def evaluation_set(task, test, cfg: RunConfig):
     return task.encode(test.select(sorted(int(i) for i in idx)))
 
 
-def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+def train_round(grid: Grid, strategy: HeteroLoRAStrategy, rnd: int, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """One round of training; with too few valid replies it is retried (``on_too_few_replies = "retry"``) or skipped.
+
+    Every attempt is all-or-nothing: the global state changes at most once, when one aggregates.
+    """
+    attempts = 1 + (cfg.max_round_retries if cfg.on_too_few_replies == "retry" else 0)
+    for attempt in range(attempts):
+        progress.status(f"round {rnd}/{cfg.rounds}: training" + (f" (retry {attempt})" if attempt else ""))
+        messages = strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid, attempt=attempt)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout) if messages else []
+        strategy.aggregate_train(rnd, replies)
+        if strategy.record.aggregated:
+            break
+    return strategy.record.entry()
+
+
+def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | None = None, *,
+                   resume: bool = False) -> dict[str, Any]:
+    """The server loop. ``resume``: continue the run in ``out`` after its last checkpointed round."""
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
     progress = progress or Progress(None)
 
     task = make_task(cfg)
@@ -46,46 +63,60 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     eval_data = evaluation_set(task, test, cfg)
     model = get_plora_model(task.build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
-    strategy = HeteroLoRAStrategy(method, cfg, method.init_state(model))
+    model_id = getattr(task, "model_path", cfg.model)
+    state, history, elapsed = method.init_state(model), [], 0.0
+    if resume:  # every check passes before anything in ``out`` is touched
+        ckpt = load_checkpoint(out, cfg, model_id, state)
+        state, history, elapsed = ckpt.state, ckpt.history, ckpt.elapsed_s
+        restore_rng(ckpt.rng)
+    else:
+        start_fresh(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml())
+    dtypes = {k: v.dtype for k, v in get_plora_state_dict(model).items()}
+    strategy = HeteroLoRAStrategy(method, cfg, state, dtypes=dtypes)
 
     progress.status("waiting for clients")
-    strategy.discover(grid, timeout=cfg.round_timeout)
+    strategy.discover(grid, timeout=cfg.connect_timeout)
 
     def evaluate() -> dict[str, float]:
         method.load_global(model, strategy.state)
         return task.evaluate(model, eval_data)
 
-    history: list[dict[str, Any]] = [{"round": 0, "metrics": evaluate(), "bytes_up": 0, "bytes_down": 0,
-                                      "init_noise": 0.0, "agg_noise": 0.0, "wall_s": 0.0, "clients": []}]
-    progress.round(history[0], task.metric, cfg.rounds)
-    for rnd in range(1, cfg.rounds + 1):
+    def checkpoint(rnd: int) -> None:
+        if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+            save_checkpoint(out, rnd, strategy.state, history, cfg, model_id,
+                            elapsed + time.perf_counter() - t_start)
+
+    if history:
+        progress.status(f"resuming after round {len(history) - 1} (checkpoint in {out})")
+    else:
+        history.append({"round": 0, "metrics": evaluate(), "bytes_up": 0, "bytes_down": 0, "init_noise": 0.0,
+                        "agg_noise": 0.0, "wall_s": 0.0, "clients": []})
+        progress.round(history[0], task.metric, cfg.rounds)
+        checkpoint(0)
+    for rnd in range(len(history), cfg.rounds + 1):  # history holds rounds 0..k
         t0 = time.perf_counter()
-        progress.status(f"round {rnd}/{cfg.rounds}: training")
-        messages = strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout) if messages else []
-        strategy.aggregate_train(rnd, replies)
-        rec = strategy.record
-        entry = {"round": rnd, "metrics": {}, "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down,
-                 "init_noise": rec.init_noise, "agg_noise": rec.agg_noise, "agg_s": rec.agg_s,
-                 "train_loss": rec.train_loss, "aggregated": rec.aggregated, "clients": rec.clients,
-                 "failures": rec.failures}
+        entry = train_round(grid, strategy, rnd, cfg, progress)
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             progress.status(f"round {rnd}/{cfg.rounds}: evaluating")
             entry["metrics"] = evaluate()
         entry["wall_s"] = time.perf_counter() - t0
         history.append(entry)
         progress.round(entry, task.metric, cfg.rounds)
+        checkpoint(rnd)
 
     method.export_adapter(model, strategy.state, out / "adapter", getattr(task, "model_path", None))
     final = next(h["metrics"] for h in reversed(history) if h["metrics"])
     summary = {
-        "method": cfg.method, "task": cfg.task, "model": getattr(task, "model_path", cfg.model),
+        "method": cfg.method, "task": cfg.task, "model": model_id,
         "metric": task.metric, "seed": cfg.seed, "rounds": cfg.rounds, "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round, "rank": cfg.rank,
         "final": final, "initial": history[0]["metrics"], "history": history,
         "bytes_up_total": sum(h["bytes_up"] for h in history),
         "bytes_down_total": sum(h["bytes_down"] for h in history),
-        "wall_s": time.perf_counter() - t_start,
+        "failures_total": sum(len(h.get("failures", [])) for h in history),
+        "wall_s": elapsed + time.perf_counter() - t_start,
     }
     plot_run(summary, out / "metrics.png")
     write_json(out / "summary.json", summary)  # last: its presence means the run's outputs are complete

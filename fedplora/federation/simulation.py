@@ -11,7 +11,9 @@ from ..config import RunConfig
 from .progress import Progress
 
 
-def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, *,
+                   resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` with its outputs in ``out``; ``resume``: continue the stopped run there (its checkpoint)."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -25,7 +27,7 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None) 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            result["summary"] = run_federation(grid, cfg, out, progress)
+            result["summary"] = run_federation(grid, cfg, out, progress, resume=resume)
         except BaseException as e:  # carried out of Flower's thread and raised below
             result["error"] = e
 
