@@ -12,7 +12,7 @@ from .config import ConfigError, RunConfig
 # flag -> RunConfig field (flags override the --config file)
 RUN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--method": ("method", str, "federated method (fedplora)"),
-    "--task": ("task", str, "task (tweets)"),
+    "--task": ("task", str, "task: tweets, bbc, sst2, instruct or code"),
     "--model": ("model", str, "model: local path or hub name (default: the task's embedded model)"),
     "--data-dir": ("data_dir", str, "folder with the task's data files"),
     "--rounds": ("rounds", int, "number of rounds"),
@@ -21,7 +21,7 @@ RUN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "seed for sampling, selection, partitions and init"),
     "--rank": ("rank", int, "global rank R (number of one-rank pairs)"),
     "--alpha": ("alpha", float, "LoRA alpha (scale = alpha / R)"),
-    "--partitioner": ("partitioner", str, "iid or dirichlet"),
+    "--partitioner": ("partitioner", str, "iid, dirichlet, pathological or natural"),
     "--dirichlet-alpha": ("dirichlet_alpha", float, "Dirichlet label-skew concentration"),
     "--local-steps": ("local_steps", int, "local AdamW steps per round"),
     "--batch-size": ("batch_size", int, "local batch size"),
@@ -29,6 +29,15 @@ RUN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-seq-len": ("max_seq_len", int, "max tokens per example"),
     "--eval-max-examples": ("eval_max_examples", int, "held-out examples evaluated per round"),
     "--weighting": ("weighting", str, "aggregation weights: samples or uniform"),
+    "--dataset": ("dataset", str, "data file/folder or hub name (sst2: glue/sst2; instruct: JSON/JSONL or org/name)"),
+    "--cache-dir": ("cache_dir", str, "cache for dequantised embedded models (default ~/.cache/fedplora)"),
+    "--pathological-classes": ("pathological_classes", int, "labels per client with --partitioner pathological"),
+    "--partition-column": ("partition_column", str, "column the dirichlet/pathological/natural partitioners split by"),
+    "--test-fraction": ("test_fraction", float, "share of the data held out when a task has no test split"),
+    "--eval-every": ("eval_every", int, "evaluate the global model every k rounds (and after the last)"),
+    "--gen-max-examples": ("gen_max_examples", int, "generation tasks: held-out examples generated per evaluation"),
+    "--gen-max-new-tokens": ("gen_max_new_tokens", int, "generation tasks: greedy tokens per example"),
+    "--code-timeout": ("code_timeout", float, "code task: seconds per sandboxed program"),
 }
 
 
@@ -63,9 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--max-ranks", type=_int_list, required=True,
                      help="each SuperNode's own budget (its node config max-rank), e.g. 2,4,8")
     dep.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
-    # added after the parsers that copy ``run``'s flags: only ``fedplora run`` resumes
-    run.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR after its last checkpointed "
-                                                      "round, with its own settings (DIR/config.toml)")
     return parser
 
 
@@ -79,27 +85,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.validate()
 
 
-def resume_config_from_args(args: argparse.Namespace) -> RunConfig:
-    """``--resume DIR``: the run keeps the settings it started with; a flag that would change them is refused."""
-    from .federation.checkpoint import resume_config
-
-    flags = [*RUN_FLAGS, "--ranks", "--rank-shares", "--targets", "--config"]
-    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
-    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
-        given.append("--out")
-    if given:
-        raise ConfigError(f"--resume: a resumed run keeps the settings in {Path(args.resume) / 'config.toml'}; "
-                          f"drop {', '.join(given)}")
-    return resume_config(Path(args.resume))
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = resume_config_from_args(args) if args.resume else config_from_args(args)
+    cfg = config_from_args(args)
     out = Path(cfg.out or f"runs/{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     from .federation.progress import Progress
     from .federation.simulation import run_simulation
 
-    run_simulation(cfg, out, Progress.console(), resume=bool(args.resume))
+    run_simulation(cfg, out, Progress.console())
     return 0
 
 
@@ -141,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedplora: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
-        from .federation.checkpoint import CheckpointError
         from .tasks.base import DataError
 
-        if isinstance(e, (DataError, FileNotFoundError, CheckpointError)):
+        if isinstance(e, (DataError, FileNotFoundError)):
             print(f"fedplora: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -25,6 +25,8 @@ class RunConfig:
     task: str = "tweets"
     model: str | None = None  # local path or hub name; None = the task's embedded default
     data_dir: str | None = None  # for tasks that read local files (e.g. sst2)
+    dataset: str | None = None  # a data file/folder or hub name (sst2: glue/sst2; instruct: JSON/JSONL or org/name)
+    cache_dir: str | None = None  # dequantised embedded models (default $FEDPLORA_CACHE or ~/.cache/fedplora)
     # federation
     rounds: int = 8
     num_clients: int = 10
@@ -44,12 +46,17 @@ class RunConfig:
     selection: str = "shared"  # Fed-PLoRA: one index draw for all layers, or "per_layer"
     fedit_variant: str = "ideal"  # FedIT: "ideal" (every client at R, ignores budgets) or "feasible" (smallest budget)
     # data
-    partitioner: str = "iid"  # "iid" or "dirichlet"
+    partitioner: str = "iid"  # "iid", "dirichlet", "pathological" or "natural" (docs/tasks.md)
     dirichlet_alpha: float = 0.5
+    pathological_classes: int = 2  # "pathological": labels per client
+    partition_column: str | None = None  # column the label-skew/natural partitioners split by (None = the task's)
     test_fraction: float = 0.2
     max_seq_len: int = 64
     eval_max_examples: int = 300
     eval_every: int = 1
+    gen_max_examples: int = 20  # generation tasks: held-out examples generated per evaluation (a seeded sample)
+    gen_max_new_tokens: int = 128  # generation tasks: greedy tokens per example
+    code_timeout: float = 10.0  # code task: seconds of wall time per sandboxed program
     # local training
     local_steps: int = 15
     batch_size: int = 16
@@ -61,13 +68,6 @@ class RunConfig:
     max_update_norm: float | None = None
     client_cpus: float = 1.0
     out: str | None = None
-    # fault tolerance (docs/fault-tolerance.md)
-    connect_timeout: float = 900.0  # seconds for all clients to connect and answer the first query (cold start)
-    checkpoint_every: int = 1  # write a resumable checkpoint every k rounds (and after the last); 0 = never
-    on_too_few_replies: str = "skip"  # fewer than min_replies valid replies: "skip" the round or "retry" it
-    max_round_retries: int = 2  # with "retry": extra attempts (each with a fresh client sample) before skipping
-    fail_fraction: float = 0.0  # failure injection for tests: this fraction of all clients fails each round
-    fail_mode: str = "error"  # injected failure: "error" (the client raises) or "straggle" (replies too late)
 
     # ------------------------------------------------------------------ IO
     @classmethod
@@ -128,7 +128,8 @@ class RunConfig:
         need(self.method in METHODS, f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         need(self.task in TASKS, f"task: unknown task {self.task!r}; choose one of {sorted(TASKS)}")
         for name in ("rounds", "num_clients", "clients_per_round", "rank", "local_steps", "batch_size",
-                     "max_seq_len", "eval_max_examples", "eval_every", "min_replies"):
+                     "max_seq_len", "eval_max_examples", "eval_every", "min_replies", "pathological_classes",
+                     "gen_max_examples", "gen_max_new_tokens"):
             v = getattr(self, name)
             need(is_int(v) and v >= 1, f"{name}: must be an integer >= 1, got {v!r}")
         need(is_int(self.seed), f"seed: must be an integer, got {self.seed!r}")
@@ -153,7 +154,11 @@ class RunConfig:
         need(self.selection in ("shared", "per_layer"), f"selection: must be 'shared' or 'per_layer', got {self.selection!r}")
         need(self.fedit_variant in ("ideal", "feasible"),
              f"fedit_variant: must be 'ideal' or 'feasible', got {self.fedit_variant!r}")
-        need(self.partitioner in ("iid", "dirichlet"), f"partitioner: must be 'iid' or 'dirichlet', got {self.partitioner!r}")
+        need(self.partitioner in ("iid", "dirichlet", "pathological", "natural"),
+             f"partitioner: must be 'iid', 'dirichlet', 'pathological' or 'natural', got {self.partitioner!r}")
+        need(self.partition_column is None or (isinstance(self.partition_column, str) and self.partition_column != ""),
+             f"partition_column: must be a column name, got {self.partition_column!r}")
+        need(self.code_timeout > 0, f"code_timeout: must be > 0 seconds, got {self.code_timeout!r}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha!r}")
         need(0 < self.test_fraction < 1, f"test_fraction: must be in (0, 1), got {self.test_fraction!r}")
         need(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
@@ -162,17 +167,11 @@ class RunConfig:
         need(self.max_update_norm is None or self.max_update_norm > 0,
              f"max_update_norm: must be > 0 when set, got {self.max_update_norm!r}")
         need(self.client_cpus > 0, f"client_cpus: must be > 0, got {self.client_cpus!r}")
-        need(self.connect_timeout > 0, f"connect_timeout: must be > 0 seconds, got {self.connect_timeout!r}")
-        need(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
-             f"checkpoint_every: must be an integer >= 0 (0 = no checkpoints), got {self.checkpoint_every!r}")
-        need(self.on_too_few_replies in ("skip", "retry"),
-             f"on_too_few_replies: must be 'skip' or 'retry', got {self.on_too_few_replies!r}")
-        need(is_int(self.max_round_retries) and self.max_round_retries >= 0,
-             f"max_round_retries: must be an integer >= 0, got {self.max_round_retries!r}")
-        need(0 <= self.fail_fraction <= 1, f"fail_fraction: must be in [0, 1], got {self.fail_fraction!r}")
-        need(self.fail_mode in ("error", "straggle"), f"fail_mode: must be 'error' or 'straggle', got {self.fail_mode!r}")
         if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
             raise ConfigError(f"model: {self.model!r} is neither an existing local path nor a hub name (org/name)")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir: no such folder {self.data_dir}")
+        if self.dataset is not None and not Path(self.dataset).expanduser().exists() and (
+                self.dataset.startswith((".", "/", "~")) or self.dataset.count("/") not in (1, 2)):
+            raise ConfigError(f"dataset: {self.dataset!r} is neither an existing file or folder nor a hub name (org/name)")
         return self

@@ -39,3 +39,35 @@ def make_tweets_slice(folder: Path, per_label: int = 60) -> Path:
         w.writeheader()
         w.writerows(rows)
     return folder
+
+
+def make_tiny_causal_lm(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer (rebuilt from the package's GGUF, ~5 s)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedplora.tasks.models import gguf_tokenizer, smollm2_gguf
+
+    if (folder / "config.json").is_file():
+        return folder
+    tok = gguf_tokenizer(smollm2_gguf())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+
+
+def make_sst2_slice(folder: Path, rows: int = 40) -> Path:
+    """The first ``rows`` lines of the real GLUE SST-2 train/validation TSVs (../shared/data/sst2)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "validation.tsv"):
+        lines = (SST2 / name).read_text(encoding="utf-8").splitlines()[:rows + 1]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

@@ -1,12 +1,17 @@
-"""Tasks: data, model, loss and metric for each kind of fine-tuning."""
+"""Tasks: data, model, loss and metric for each kind of fine-tuning (docs/tasks.md)."""
 
 from ..quiet import quiet_libraries
 from .base import DataError, Task
+from .bbc import BBCTask
+from .code import CodeTask
+from .instruct import InstructTask
+from .sst2 import SST2Task
 from .tweets import TweetsTask
 
 quiet_libraries()
 
-TASKS: dict[str, type[Task]] = {"tweets": TweetsTask}
+TASKS: dict[str, type[Task]] = {"tweets": TweetsTask, "bbc": BBCTask, "sst2": SST2Task, "instruct": InstructTask,
+                                "code": CodeTask}
 
 
 def make_task(config) -> Task:
