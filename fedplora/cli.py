@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--max-ranks", type=_int_list, required=True,
                      help="each SuperNode's own budget (its node config max-rank), e.g. 2,4,8")
     dep.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    # added after the parsers that copy ``run``'s flags: only ``fedplora run`` resumes
+    run.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR after its last checkpointed "
+                                                      "round, with its own settings (DIR/config.toml)")
     return parser
 
 
@@ -85,13 +88,27 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.validate()
 
 
+def resume_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """``--resume DIR``: the run keeps the settings it started with; a flag that would change them is refused."""
+    from .federation.checkpoint import resume_config
+
+    flags = [*RUN_FLAGS, "--ranks", "--rank-shares", "--targets", "--config"]
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
+    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        given.append("--out")
+    if given:
+        raise ConfigError(f"--resume: a resumed run keeps the settings in {Path(args.resume) / 'config.toml'}; "
+                          f"drop {', '.join(given)}")
+    return resume_config(Path(args.resume))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = resume_config_from_args(args) if args.resume else config_from_args(args)
     out = Path(cfg.out or f"runs/{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     from .federation.progress import Progress
     from .federation.simulation import run_simulation
 
-    run_simulation(cfg, out, Progress.console())
+    run_simulation(cfg, out, Progress.console(), resume=bool(args.resume))
     return 0
 
 
@@ -133,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedplora: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
+        from .federation.checkpoint import CheckpointError
         from .tasks.base import DataError
 
-        if isinstance(e, (DataError, FileNotFoundError)):
+        if isinstance(e, (DataError, FileNotFoundError, CheckpointError)):
             print(f"fedplora: error: {e}", file=sys.stderr)
             return 2
         raise

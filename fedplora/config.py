@@ -68,6 +68,13 @@ class RunConfig:
     max_update_norm: float | None = None
     client_cpus: float = 1.0
     out: str | None = None
+    # fault tolerance (docs/fault-tolerance.md)
+    connect_timeout: float = 900.0  # seconds for all clients to connect and answer the first query (cold start)
+    checkpoint_every: int = 1  # write a resumable checkpoint every k rounds (and after the last); 0 = never
+    on_too_few_replies: str = "skip"  # fewer than min_replies valid replies: "skip" the round or "retry" it
+    max_round_retries: int = 2  # with "retry": extra attempts (each with a fresh client sample) before skipping
+    fail_fraction: float = 0.0  # failure injection for tests: this fraction of all clients fails each round
+    fail_mode: str = "error"  # injected failure: "error" (the client raises) or "straggle" (replies too late)
 
     # ------------------------------------------------------------------ IO
     @classmethod
@@ -167,6 +174,15 @@ class RunConfig:
         need(self.max_update_norm is None or self.max_update_norm > 0,
              f"max_update_norm: must be > 0 when set, got {self.max_update_norm!r}")
         need(self.client_cpus > 0, f"client_cpus: must be > 0, got {self.client_cpus!r}")
+        need(self.connect_timeout > 0, f"connect_timeout: must be > 0 seconds, got {self.connect_timeout!r}")
+        need(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+             f"checkpoint_every: must be an integer >= 0 (0 = no checkpoints), got {self.checkpoint_every!r}")
+        need(self.on_too_few_replies in ("skip", "retry"),
+             f"on_too_few_replies: must be 'skip' or 'retry', got {self.on_too_few_replies!r}")
+        need(is_int(self.max_round_retries) and self.max_round_retries >= 0,
+             f"max_round_retries: must be an integer >= 0, got {self.max_round_retries!r}")
+        need(0 <= self.fail_fraction <= 1, f"fail_fraction: must be in [0, 1], got {self.fail_fraction!r}")
+        need(self.fail_mode in ("error", "straggle"), f"fail_mode: must be 'error' or 'straggle', got {self.fail_mode!r}")
         if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
             raise ConfigError(f"model: {self.model!r} is neither an existing local path nor a hub name (org/name)")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
