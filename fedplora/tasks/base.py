@@ -25,6 +25,16 @@ class Task(ABC):
 
     def __init__(self, config) -> None:
         self.config = config
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded once (a decoder-only model's EOS doubles as padding)."""
+        if self._tokenizer is None:
+            from .models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
 
     @abstractmethod
     def load_splits(self) -> tuple[Dataset, Dataset]:

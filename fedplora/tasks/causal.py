@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 
 from .base import Task
-from .models import load_causal_lm, load_tokenizer, smollm2_path
+from .models import load_causal_lm, smollm2_path
 
 IGNORE = -100
 
@@ -35,18 +35,8 @@ class CausalLMTask(Task):
     keep_tail = 16
     stop_strings: tuple[str, ...] = ()
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self._tokenizer = None
-
     def default_model_path(self) -> str:
         return smollm2_path(getattr(self.config, "cache_dir", None))
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_path)
-        return self._tokenizer
 
     def build_model(self):
         model = load_causal_lm(self.model_path)

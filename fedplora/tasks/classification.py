@@ -15,7 +15,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 from .base import DataError, Task
 from .metrics import accuracy_f1_mcc
-from .models import load_sequence_classifier, load_tokenizer
+from .models import load_sequence_classifier
 
 
 def make_dataset(texts: list[str], labels: list[int], label_names: list[str]) -> Dataset:
@@ -28,7 +28,6 @@ class ClassificationTask(Task):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._tokenizer = None
         self.label_names: list[str] = []
 
     # subclasses: return (texts, labels, label_names) for the whole corpus, or override load_splits
@@ -49,12 +48,6 @@ class ClassificationTask(Task):
         from .models import minilm_path
 
         return minilm_path()
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_path)
-        return self._tokenizer
 
     def build_model(self):
         if not self.label_names:
