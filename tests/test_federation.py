@@ -95,6 +95,11 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
         else:
             got = exported[f"base_model.model.{key}"]
         assert torch.allclose(got, value, atol=1e-6), key
+    parts = json.loads((tmp_path / "a" / "partitions.json").read_text())
+    assert len(parts["sizes"]) == cfg.num_clients and sum(parts["labels_total"].values()) == sum(parts["sizes"])
+    for h in first["history"][1:]:
+        for c in h["clients"]:
+            assert c["num_samples"] == parts["sizes"][c["cid"]]  # the report matches what clients hold
     saved = json.loads((tmp_path / "a" / "summary.json").read_text())
     for k in ("method", "task", "model", "seed", "rounds", "num_clients", "final", "history", "bytes_up_total",
               "bytes_down_total", "wall_s"):

@@ -22,16 +22,12 @@ from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
 from ..methods import make_method
 from ..tasks import make_task
-from ..tasks.partition import partition
+from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
 from .heterogeneity import assign_budgets, round_budget
 from .messages import read_task, update_content
 
 app = ClientApp()
-
-# Settings that change the data or the model: a process keeps one runtime per distinct value.
-RUNTIME_KEYS = ("task", "model", "data_dir", "seed", "num_clients", "partitioner", "dirichlet_alpha",
-                "test_fraction", "max_seq_len", "rank", "alpha", "targets", "lora_dropout")
 
 
 def plora_config(cfg: RunConfig) -> PLoRAConfig:
@@ -57,8 +53,7 @@ class ClientRuntime:
         self.cfg = cfg
         self.task = make_task(cfg)
         train, _ = self.task.load_splits()
-        self.parts = partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha,
-                               self.task.label_column)
+        self.parts = partition_for(self.task, train, cfg)
         self.encoded: dict[int, Any] = {}
         self.model = get_plora_model(self.task.build_model(), plora_config(cfg))
 
@@ -72,7 +67,7 @@ _runtimes: dict[str, ClientRuntime] = {}
 
 
 def runtime(cfg: RunConfig, context: Context) -> ClientRuntime:
-    key = json.dumps({k: getattr(cfg, k) for k in RUNTIME_KEYS}, sort_keys=True)
+    key = json.dumps(cfg.to_dict(), sort_keys=True)  # a run's settings never change mid-run
     if key not in _runtimes:
         _runtimes.clear()  # one run at a time per process: free the previous model
         _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)))

@@ -21,6 +21,7 @@ from ..config import RunConfig
 from ..methods import make_method
 from ..reports import plot_run, write_json
 from ..tasks import make_task
+from ..tasks.partition import partition_for, partition_report
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, start_fresh
 from .client_app import method_options, plora_config
 from .progress import Progress
@@ -59,7 +60,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     progress = progress or Progress(None)
 
     task = make_task(cfg)
-    _, test = task.load_splits()
+    train, test = task.load_splits()
     eval_data = evaluation_set(task, test, cfg)
     model = get_plora_model(task.build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
@@ -73,6 +74,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         start_fresh(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
+        # the clients' partitions, as every client computes them: sizes and label histograms
+        write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.label_column))
     dtypes = {k: v.dtype for k, v in get_plora_state_dict(model).items()}
     strategy = HeteroLoRAStrategy(method, cfg, state, dtypes=dtypes)
 
