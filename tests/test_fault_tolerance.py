@@ -77,6 +77,17 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
 
 
+def test_checkpoint_of_non_contiguous_state(tmp_path):
+    """FlexLoRA's SVD-based state holds transposed views; they must checkpoint like any tensor."""
+    cfg = RunConfig(rounds=3, rank=4, ranks=[1, 2, 4])
+    state = {k: (v.T.contiguous().T if v.dim() == 2 else v) for k, v in _state().items()}
+    assert not state["l.plora_A"].is_contiguous()
+    save_checkpoint(tmp_path, 1, state, HISTORY, cfg, "tiny-bert", elapsed_s=1.0)
+    ckpt = load_checkpoint(tmp_path, cfg, "tiny-bert", _state(seed=5))
+    for k, v in state.items():
+        assert torch.equal(ckpt.state[k], v), k
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_in_force(tmp_path, monkeypatch):
     from fedplora.federation import checkpoint
 

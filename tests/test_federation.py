@@ -119,7 +119,7 @@ def test_loopback_deployment_with_declared_budgets(tiny_assets, tmp_path):
     from fedplora.federation.deployment import run_loopback
 
     before = _flower_processes()
-    cfg = _cfg(tiny_assets, tmp_path, num_clients=3, clients_per_round=3, rounds=1)
+    cfg = _cfg(tiny_assets, tmp_path, num_clients=3, clients_per_round=3, rounds=1, budget_fluctuation=0.0)
     out = run_loopback(cfg, tmp_path / "dep", max_ranks=[1, 2, 4], timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     clients = summary["history"][1]["clients"]

@@ -93,7 +93,8 @@ def save_checkpoint(out: Path, rnd: int, state: State, history: list[dict[str, A
     """Write the checkpoint of round ``rnd``; the previous one stays valid until this one is complete."""
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    data = save_tensors({k: v.detach().cpu().clone() for k, v in state.items()})  # clone: no shared storage
+    # contiguous: SVD-based states (FlexLoRA) hold transposed views; clone: no shared storage
+    data = save_tensors({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
     state_file = folder / f"state-r{rnd:05d}.safetensors"
     _write_atomic(state_file, data)
     record = {"format": FORMAT, "round": rnd, "manifest": manifest(cfg, model_id, state),
