@@ -226,7 +226,7 @@ def test_instruct_wrong_files_are_clear(tmp_path):
         load("c.json", json.dumps({"data": ALPACA}))
     with pytest.raises(DataError, match="must be a .json .* or .jsonl"):
         load("d.csv", "instruction,output\n")
-    with pytest.raises(DataError, match="record 2 lacks"):
+    with pytest.raises(DataError, match="record 2 has \\['instruction'\\]"):
         load("e.json", json.dumps([ALPACA[0], {"instruction": "x"}]))
     with pytest.raises(DataError, match="no train.jsonl or train.json"):
         make_task(cfg(task="instruct", data_dir=str(tmp_path))).load_splits()
@@ -423,11 +423,11 @@ def test_new_settings_are_validated():
 # ------------------------------------------------------------------ slow: the real SmolLM2
 @pytest.mark.slow
 def test_real_smollm2_instruct_evaluates(tmp_path):
-    """Dequantise SmolLM2 (first time ~45 s, cached after) and evaluate it on four real BBC headlines."""
-    task = make_task(cfg(task="instruct", max_seq_len=128, gen_max_examples=2, gen_max_new_tokens=16))
+    """Dequantise SmolLM2 (first time ~45 s, cached after) and evaluate it on two real BBC headlines."""
+    task = make_task(cfg(task="instruct", max_seq_len=96, gen_max_examples=2, gen_max_new_tokens=8))
     _, test = task.load_splits()
     model = plora(task.build_model())
-    metrics = task.evaluate(model, task.encode(test.select(range(4))))
+    metrics = task.evaluate(model, task.encode(test.select(range(2))))
     assert 0 < metrics["loss"] < 8 and 0 <= metrics["rougeL"] <= 1
     assert all(g["generation"].strip() for g in task.last_generations)  # a real model writes something
 
@@ -437,7 +437,7 @@ def test_instruct_runs_end_to_end_on_flower(tiny_llm, tmp_path):
     """A causal-LM task through the real Simulation Engine: train, evaluate, export the adapter."""
     from fedplora.federation.simulation import run_simulation
 
-    (tmp_path / "d.json").write_text(json.dumps(DOLLY * 6 + ALPACA * 4))
+    (tmp_path / "d.json").write_text(json.dumps(DOLLY * 10))  # one format per file; natural split by category
     c = cfg(task="instruct", model=tiny_llm, dataset=str(tmp_path / "d.json"), num_clients=2, clients_per_round=2,
             rounds=1, local_steps=2, batch_size=2, rank=4, ranks=[2, 4], rank_shares=[1, 1], max_seq_len=48,
             eval_max_examples=4, gen_max_examples=2, gen_max_new_tokens=4, partitioner="natural",
