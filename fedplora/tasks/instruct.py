@@ -44,28 +44,24 @@ def format_prompt(instruction: str, context: str = "") -> str:
 
 
 def normalise(records: list[dict[str, Any]], source: str) -> dict[str, list[str]]:
-    """Alpaca or Dolly records -> columns prompt, response, category."""
+    """Alpaca or Dolly records (each record either) -> columns prompt, response, category."""
     if not records:
         raise DataError(f"instruct: {source} has no records")
-    first = records[0]
-    if not isinstance(first, dict):
-        raise DataError(f"instruct: {source}: records must be JSON objects, the first is {type(first).__name__}")
-    fmt = next((name for name, keys in FORMATS.items() if {keys[0], keys[2]} <= set(first)), None)
-    if fmt is None:
-        raise DataError(f"instruct: {source}: record 1 has keys {sorted(first)}; expected Alpaca "
-                        "(instruction, input, output) or Dolly (instruction, context, response, category)")
-    ins, ctx, out = FORMATS[fmt]
     cols: dict[str, list[str]] = {"prompt": [], "response": [], "category": []}
     for n, rec in enumerate(records, start=1):
+        keys = FORMATS["dolly"] if isinstance(rec, dict) and "response" in rec else FORMATS["alpaca"]
+        ins, ctx, out = keys
         if not isinstance(rec, dict) or not isinstance(rec.get(ins), str) or not isinstance(rec.get(out), str):
-            raise DataError(f"instruct: {source}: record {n} lacks the {fmt} fields {ins!r} and {out!r} as text")
+            found = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise DataError(f"instruct: {source}: record {n} has {found}; expected Alpaca (instruction, input, "
+                            "output) or Dolly (instruction, context, response, category) with text values")
         if not rec[out].strip():
             continue
         cols["prompt"].append(format_prompt(rec[ins], str(rec.get(ctx) or "")))
         cols["response"].append(rec[out].strip())
         cols["category"].append(str(rec.get("category") or "none"))
     if not cols["prompt"]:
-        raise DataError(f"instruct: {source}: every record has an empty {out!r}")
+        raise DataError(f"instruct: {source}: every record has an empty response")
     return cols
 
 
