@@ -192,7 +192,7 @@ def test_instruct_default_is_the_bbc_headline_set():
     assert row["prompt"].endswith("### Response:\n") and "\n" not in row["response"]
 
 
-@pytest.mark.parametrize("fmt", ["alpaca-json", "dolly-jsonl", "folder"])
+@pytest.mark.parametrize("fmt", ["alpaca-json", "dolly-jsonl", "folder", "mixed"])
 def test_instruct_reads_alpaca_and_dolly_files(tmp_path, fmt):
     if fmt == "alpaca-json":
         (tmp_path / "d.json").write_text(json.dumps(ALPACA * 4))
@@ -200,6 +200,9 @@ def test_instruct_reads_alpaca_and_dolly_files(tmp_path, fmt):
     elif fmt == "dolly-jsonl":
         (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in DOLLY * 4))
         c = cfg(task="instruct", dataset=str(tmp_path / "d.jsonl"))
+    elif fmt == "mixed":
+        (tmp_path / "d.json").write_text(json.dumps(DOLLY * 3 + ALPACA * 3))
+        c = cfg(task="instruct", dataset=str(tmp_path / "d.json"))
     else:
         (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ALPACA))
         (tmp_path / "test.json").write_text(json.dumps(DOLLY))
@@ -207,6 +210,8 @@ def test_instruct_reads_alpaca_and_dolly_files(tmp_path, fmt):
     train, test = make_task(c).load_splits()
     rows = list(train) + list(test)
     assert all(r["prompt"].endswith("### Response:\n") for r in rows)
+    if fmt == "mixed":
+        assert sorted(set(train["category"]) | set(test["category"])) == ["none", "open_qa", "summarization"]
     if fmt == "folder":
         assert len(train) == 3 and len(test) == 2 and test["category"] == ["open_qa", "summarization"]
         assert train[0]["prompt"] == "### Instruction:\nGive the capital.\n\n### Input:\nFrance\n\n### Response:\n"
@@ -437,7 +442,7 @@ def test_instruct_runs_end_to_end_on_flower(tiny_llm, tmp_path):
     """A causal-LM task through the real Simulation Engine: train, evaluate, export the adapter."""
     from fedplora.federation.simulation import run_simulation
 
-    (tmp_path / "d.json").write_text(json.dumps(DOLLY * 10))  # one format per file; natural split by category
+    (tmp_path / "d.json").write_text(json.dumps(DOLLY * 10))  # natural split by category
     c = cfg(task="instruct", model=tiny_llm, dataset=str(tmp_path / "d.json"), num_clients=2, clients_per_round=2,
             rounds=1, local_steps=2, batch_size=2, rank=4, ranks=[2, 4], rank_shares=[1, 1], max_seq_len=48,
             eval_max_examples=4, gen_max_examples=2, gen_max_new_tokens=4, partitioner="natural",
