@@ -75,7 +75,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
         # the clients' partitions, as every client computes them: sizes and label histograms
-        write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.label_column))
+        write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.partition_column))
     dtypes = {k: v.dtype for k, v in get_plora_state_dict(model).items()}
     strategy = HeteroLoRAStrategy(method, cfg, state, dtypes=dtypes)
 
