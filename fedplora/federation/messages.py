@@ -15,10 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from ..methods import ClientTask, ClientUpdate
 
 
-def task_content(task: ClientTask, setup: dict[str, Any], server_round: int) -> RecordDict:
+def task_content(task: ClientTask, setup: str, server_round: int) -> RecordDict:
+    """``setup``: the run's settings, already JSON-encoded (the same for every message of a run)."""
     return RecordDict({
         "arrays": ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in task.arrays.items()}),
-        "config": ConfigRecord({"task": json.dumps(task.config), "setup": json.dumps(setup),
+        "config": ConfigRecord({"task": json.dumps(task.config), "setup": setup,
                                 "round": server_round}),
     })
 

@@ -9,6 +9,7 @@ global state between rounds (``aggregate_train`` is not handed it by Flower).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -63,7 +64,7 @@ class HeteroLoRAStrategy(Strategy):
         self.cfg = cfg
         self.state = state
         self.dtypes = dtypes or {}
-        self.setup = cfg.to_dict()
+        self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
         self.record = RoundRecord(round=0)
@@ -95,7 +96,7 @@ class HeteroLoRAStrategy(Strategy):
         return self.nodes
 
     def _query(self, node_id: int, server_round: int) -> Message:
-        content = RecordDict({"config": ConfigRecord({"setup": _json(self.setup), "round": server_round})})
+        content = RecordDict({"config": ConfigRecord({"setup": self.setup, "round": server_round})})
         return Message(content=content, message_type="query", dst_node_id=node_id)
 
     def sample(self, server_round: int, attempt: int = 0) -> list[int]:
@@ -247,8 +248,3 @@ class HeteroLoRAStrategy(Strategy):
     def summary(self) -> None:
         pass
 
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj)
