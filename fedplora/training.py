@@ -11,11 +11,12 @@ import time
 import numpy as np
 import torch
 
+from . import rng
 from .adapters import trainable_parameters
 
 
 def local_seed(seed: int, server_round: int, cid: int) -> int:
-    return int(np.random.SeedSequence([seed, server_round, cid]).generate_state(1)[0])
+    return rng.seed_int("batches", seed, server_round, cid)
 
 
 def train_local(model, task, dataset, *, steps: int, batch_size: int, lr: float, weight_decay: float,
@@ -27,12 +28,12 @@ def train_local(model, task, dataset, *, steps: int, batch_size: int, lr: float,
     if len(dataset) == 0:
         raise ValueError("this client's partition is empty")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
+    draw = np.random.default_rng(seed)  # ``seed`` is already this client's and round's batches stream
     torch.manual_seed(seed)
     model.train()
     losses, t0 = [], time.perf_counter()
     for _ in range(steps):
-        idx = rng.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
+        idx = draw.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
         batch = task.collate([dataset[int(i)] for i in idx])
         loss = task.loss(model, batch)
         loss.backward()

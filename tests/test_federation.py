@@ -27,13 +27,14 @@ def _replay_with_method_core(cfg):
     from fedplora.adapters import get_plora_model
     from fedplora.methods import ClientInfo, make_method
     from fedplora.tasks import make_task
-    from fedplora.tasks.partition import partition
+    from fedplora.tasks.partition import partition_for
+    from fedplora import rng
     from fedplora.training import local_seed, train_local
 
     torch.set_num_threads(1)
     task = make_task(cfg)
     train, _ = task.load_splits()
-    parts = partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha)
+    parts = partition_for(task, train, cfg)
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     state = method.init_state(get_plora_model(task.build_model(), plora_config(cfg)))
     base = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)
@@ -41,8 +42,8 @@ def _replay_with_method_core(cfg):
                for rnd in range(1, cfg.rounds + 1) for cid in range(cfg.num_clients)}
     client_model = get_plora_model(task.build_model(), plora_config(cfg))
     for rnd in range(1, cfg.rounds + 1):
-        rng = np.random.default_rng([cfg.seed, rnd, 1])
-        cids = sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
+        draw = rng.generator("sampling", cfg.seed, rnd, 0)
+        cids = sorted(int(c) for c in draw.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
         tasks, updates = [], []
         for cid in cids:
             data = task.encode(parts[cid])

@@ -18,6 +18,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .. import rng
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
 from ..methods import make_method
@@ -113,7 +114,7 @@ def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) 
     round meets other failures.
     """
     k = int(round(cfg.fail_fraction * cfg.num_clients))
-    down = np.random.default_rng([cfg.seed, server_round, attempt, 4049]).permutation(cfg.num_clients)[:k]
+    down = rng.generator("failures", cfg.seed, server_round, attempt).permutation(cfg.num_clients)[:k]
     return cid in down.tolist()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import rng
+
 
 def group_sizes(num_clients: int, shares: list[float]) -> list[int]:
     """Largest-remainder split of num_clients by shares (sums exactly to num_clients)."""
@@ -25,7 +27,7 @@ def group_sizes(num_clients: int, shares: list[float]) -> list[int]:
 def assign_budgets(num_clients: int, ranks: list[int], shares: list[float], seed: int) -> list[int]:
     """Budget per client id: group sizes from the shares, members drawn with the seed."""
     budgets = np.repeat(ranks, group_sizes(num_clients, shares))
-    perm = np.random.default_rng([seed, 7919]).permutation(num_clients)
+    perm = rng.generator("budgets", seed).permutation(num_clients)
     return [int(b) for b in budgets[perm]]
 
 
@@ -33,7 +35,7 @@ def round_budget(base: int, ranks: list[int], fluctuation: float, seed: int, ser
     """This round's budget: the base, or one group lower with probability ``fluctuation``."""
     if fluctuation <= 0:
         return base
-    if np.random.default_rng([seed, server_round, cid, 104729]).random() >= fluctuation:
+    if rng.generator("fluctuation", seed, server_round, cid).random() >= fluctuation:
         return base
     lower = sorted(r for r in set(ranks) if r < base)
     return lower[-1] if lower else max(1, base // 2)

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from .. import rng
 from ..adapters import get_plora_model, get_plora_state_dict
 from ..config import RunConfig
 from ..methods import make_method
@@ -33,7 +34,7 @@ log = logging.getLogger("fedplora")
 def evaluation_set(task, test, cfg: RunConfig):
     """A fixed, seeded held-out sample (the same every round and every run with the seed)."""
     n = min(cfg.eval_max_examples, len(test))
-    idx = np.random.default_rng([cfg.seed, 31337]).choice(len(test), size=n, replace=False)
+    idx = rng.generator("eval_subset", cfg.seed).choice(len(test), size=n, replace=False)
     return task.encode(test.select(sorted(int(i) for i in idx)))
 
 

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .. import rng
 from ..config import RunConfig
 from ..measure import aggregation_noise, init_noise, nbytes
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
@@ -106,8 +107,8 @@ class HeteroLoRAStrategy(Strategy):
         """
         cids = sorted(self.nodes)
         k = min(self.cfg.clients_per_round, len(cids))
-        rng = np.random.default_rng([self.cfg.seed, server_round, 1] + ([attempt] if attempt else []))
-        return sorted(int(c) for c in rng.choice(cids, size=k, replace=False))
+        draw = rng.generator("sampling", self.cfg.seed, server_round, attempt)
+        return sorted(int(c) for c in draw.choice(cids, size=k, replace=False))
 
     def client_infos(self, grid: Grid, server_round: int, cids: list[int]) -> list[ClientInfo]:
         """Ask the sampled clients for this round's budget (it may change between rounds)."""

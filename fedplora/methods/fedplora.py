@@ -8,10 +8,10 @@ the clients that trained it; a pair nobody trained keeps its value.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from .. import rng
 from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import LayerFactors
@@ -28,12 +28,12 @@ from .base import (
 )
 
 
-def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: int, stream: int = 0) -> list[int]:
+def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: int, layer: int = 0) -> list[int]:
     """r_i distinct pair indices, uniformly at random; one seed fixes every draw."""
     if not 1 <= budget <= rank:
         raise ValueError(f"a client's rank budget must be in [1, {rank}], got {budget}")
-    rng = np.random.default_rng([seed, server_round, cid, stream])
-    return sorted(int(i) for i in rng.choice(rank, size=budget, replace=False))
+    draw = rng.generator("selection", seed, server_round, cid, layer)
+    return sorted(int(i) for i in draw.choice(rank, size=budget, replace=False))
 
 
 class FedPLoRA(FederatedMethod):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import rng
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from .base import ClientTask, ClientUpdate, LeadingPairsMethod, State, average_heads, layer_names, stack_pairs
 
@@ -72,7 +73,7 @@ class FlexLoRA(LeadingPairsMethod):
             return dict(state)
         weights, s = self.client_weights(updates), self.plora.scale
         truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = rng.torch_generator("svd", self.seed)
         new: State = {}
         for layer in layer_names(state):
             B, A = stack_pairs(weights, updates, layer)

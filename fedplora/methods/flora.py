@@ -7,9 +7,10 @@ noise; it pays with a fresh adapter every round and a dense downlink.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
+
+from .. import rng
 
 from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_plora_state_dict
 from ..adapters.layer import init_pairs_A_
@@ -40,8 +41,8 @@ def _heads(state: State) -> State:
 
 def fresh_generator(init_seed: list[int], layer_index: int) -> torch.Generator:
     """The generator of one layer's fresh A: one seed, the round and the client fix every draw."""
-    seed = np.random.SeedSequence([*init_seed, layer_index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(seed))
+    seed, server_round, cid = init_seed
+    return rng.torch_generator("flora_init", seed, server_round, cid, layer_index)
 
 
 class FLoRA(FederatedMethod):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from .. import rng
 from .base import Task
 from .models import load_causal_lm, smollm2_path
 
@@ -101,7 +102,7 @@ class CausalLMTask(Task):
 
     def generation_sample(self, dataset: Dataset) -> list[int]:
         n = min(int(getattr(self.config, "gen_max_examples", 20)), len(dataset))
-        idx = np.random.default_rng([self.config.seed, 4242]).choice(len(dataset), size=n, replace=False)
+        idx = rng.generator("generation_subset", self.config.seed).choice(len(dataset), size=n, replace=False)
         return sorted(int(i) for i in idx)
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
+from .. import rng
 from .base import DataError, Task
 from .metrics import accuracy_f1_mcc
 from .models import load_sequence_classifier
@@ -40,7 +41,7 @@ class ClassificationTask(Task):
             raise DataError(f"task {self.name}: the corpus is empty")
         self.label_names = names
         data = make_dataset(texts, labels, names)
-        split = data.train_test_split(test_size=self.config.test_fraction, seed=self.config.seed,
+        split = data.train_test_split(test_size=self.config.test_fraction, seed=rng.small_seed("split", self.config.seed),
                                       stratify_by_column="label")
         return split["train"], split["test"]
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from datasets import Dataset
 
+from .. import rng
 from .base import DataError
 from .causal import CausalLMTask
 from .sandbox import run_python
@@ -62,7 +62,7 @@ class CodeTask(CausalLMTask):
 
     def load_splits(self) -> tuple[Dataset, Dataset]:
         problems = read_problems(getattr(self.config, "dataset", None))
-        order = np.random.default_rng([self.config.seed, 1640]).permutation(len(problems))
+        order = rng.generator("problem_order", self.config.seed).permutation(len(problems))
         n_test = min(len(problems) - 1, max(1, round(self.config.test_fraction * len(problems))))
         test_ids = set(order[:n_test].tolist())
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from .. import rng
 from .base import DataError
 from .causal import CausalLMTask
 from .metrics import rouge_l
@@ -132,7 +133,7 @@ class InstructTask(CausalLMTask):
             return data, Dataset.from_dict(test)
         if len(data) < 2:
             raise DataError(f"instruct: need at least 2 records to hold some out, have {len(data)}")
-        split = data.train_test_split(test_size=self.config.test_fraction, seed=self.config.seed)
+        split = data.train_test_split(test_size=self.config.test_fraction, seed=rng.small_seed("split", self.config.seed))
         return split["train"], split["test"]
 
     def _folder(self, folder: Path):

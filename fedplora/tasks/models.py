@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import rng
 from .base import DataError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,7 +198,7 @@ def load_tokenizer(ref: str):
 def load_sequence_classifier(ref: str, num_labels: int, seed: int):
     from transformers import AutoModelForSequenceClassification, logging
 
-    torch.manual_seed(seed)  # the new head's init is part of the run's seed
+    torch.manual_seed(rng.seed_int("init", seed))  # the new head's init is part of the run's seed
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:

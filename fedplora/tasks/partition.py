@@ -22,6 +22,7 @@ from datasets import ClassLabel, Dataset
 from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
                                        PathologicalPartitioner, Partitioner)
 
+from .. import rng
 from .base import DataError
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
@@ -93,7 +94,7 @@ def natural_partitions(dataset: Dataset, column: str, num_partitions: int) -> li
 
 def partition_for(task, train: Dataset, cfg) -> list[Dataset]:
     """The client's partitions for a run: every partitioner setting read from ``cfg``."""
-    return partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha, task.label_column,
+    return partition(train, cfg.partitioner, cfg.num_clients, rng.small_seed("partition", cfg.seed), cfg.dirichlet_alpha, task.label_column,
                      classes_per_partition=getattr(cfg, "pathological_classes", 2),
                      partition_column=getattr(cfg, "partition_column", None))
 
