@@ -312,6 +312,7 @@ def test_sandbox_runs_good_code_and_reports_its_isolation():
     r = run_python("import math, os\nprint(math.factorial(5), os.getcwd() == os.environ['HOME'])")
     assert r.passed and r.stdout.split() == ["120", "True"]
     assert r.isolation["python_guard"] is True and "network" in r.isolation and "filesystem" in r.isolation
+    assert r.isolation["reads"] in ("landlock + python_guard", "python_guard") and r.isolation["readable"]
 
 
 def test_sandbox_stops_an_endless_loop():

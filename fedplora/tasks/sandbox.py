@@ -7,15 +7,30 @@ Never in the caller's process: each program runs in a fresh ``python -I -B`` chi
 * sets resource limits: address space, CPU seconds, file size, open files, no core dumps,
   no new processes or threads;
 * restricts itself with Landlock (Linux >= 5.13): writes only under its own fresh temporary
-  directory, reads anywhere, no TCP bind/connect (ABI >= 4), no signals to processes outside
-  the sandbox (ABI >= 6);
+  directory; reads only of that directory and of the interpreter's own files (below); executes
+  nothing; no TCP bind/connect (ABI >= 4), no signals to processes outside the sandbox (ABI >= 6);
 * drops root to ``nobody``;
-* installs a Python audit hook that refuses sockets, subprocesses, ``ctypes``, signals and
-  writes outside the directory (the only layer left on a kernel without Landlock or namespaces).
+* installs a Python audit hook that refuses sockets, subprocesses, ``ctypes``, signals, writes
+  outside the directory and reads (``open`` for reading, ``os.listdir``, ``os.scandir``) outside
+  what Landlock allows (the only layer left on a kernel without Landlock or namespaces).
+
+What may be read, in both layers (``sandbox_child.read_roots``; all else is "permission denied"):
+the working directory; every entry of the standard library's folder but ``site-packages``
+(that folder itself may be listed: Landlock then also lets a program list, not read, the base
+interpreter's ``site-packages``); ``lib-dynload`` and other ``sys.path`` entries inside the base
+interpreter's prefix that are not site-packages; the system's shared-library folders (``/lib``,
+``/usr/lib``, ``/lib64``, ... as they exist, which on some distributions also hold a system
+Python's packages); the shared libraries directly in ``<base prefix>/lib``; ``/etc/ld.so.cache``,
+``/dev/null`` (also writable), ``/dev/zero``, ``/dev/urandom``, ``/dev/random``. Not the virtual
+environment, not any site-packages, not the project; ``sys.path`` is cut to what may be read.
+Neither layer hides file names and metadata (``os.stat``, ``os.path.exists``, ``os.readlink``) or
+descriptors that were already open.
 
 The parent kills the child's whole process group after ``timeout`` seconds of wall time, keeps
 only the tails of its output (written to files, never to pipes that could fill memory) and
-removes the directory. ``result.isolation`` says which layers were actually in force.
+removes the directory. ``result.isolation`` says which layers were actually in force; its
+``reads`` names the layers confining reads (``"landlock + python_guard"``, ``"landlock"``,
+``"python_guard"`` or ``"unrestricted"``) and ``readable`` lists what they allow.
 What this does not guarantee is written down in docs/tasks.md ("The code sandbox").
 """
 
@@ -103,7 +118,7 @@ def run_python(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, fil
                 proc.wait()
         with os.fdopen(read_fd, "rb") as f:
             read_fd = -1
-            report = f.read(4096).decode("utf-8", "replace").strip()
+            report = f.read(65536).decode("utf-8", "replace").strip()
         isolation = json.loads(report) if report.startswith("{") else {}
         if status != "timeout":
             if code == 0:

@@ -58,8 +58,75 @@ def isolate_network() -> str:
     return f"none ({_err()})"
 
 
-def landlock(workdir: str) -> str:
-    """Writes only under ``workdir``; reads and execution anywhere; no TCP; signals only inside."""
+SYSTEM_LIB_DIRS = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32")
+SITE = {"site-packages", "dist-packages"}
+READ_FILES = ("/etc/ld.so.cache", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+
+def _beneath(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def read_roots(workdir: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    """What the program may read, as real paths: ``(trees, single files, folders it may only list,
+    a short description of all three)``.
+
+    Trees (everything beneath): the working directory; each entry of the standard library (the
+    folder of ``os.py``) but ``site-packages``; the entries of ``sys.path`` inside the base
+    interpreter's prefix that are not site-packages (``lib-dynload``, a ``pythonXY.zip``); the
+    system's shared-library folders (``/lib``, ``/usr/lib``, ``/lib64``, ... as they exist) for the
+    libraries extension modules load. Files: the loader's cache, ``/dev/null``, ``/dev/zero``,
+    ``/dev/urandom``, ``/dev/random``, and the shared libraries directly in ``<base prefix>/lib``
+    (where a pyenv or conda interpreter keeps the libraries its extension modules link to).
+    Listed only: the standard library's folder (imports list it). Not a virtual environment, not
+    site-packages, not the project the interpreter was started from.
+    """
+    real = os.path.realpath
+    stdlib = real(os.path.dirname(os.__file__))
+    dirs = [real(workdir)]
+    try:  # the standard library, less the base interpreter's own site-packages inside it
+        entries = [os.path.join(stdlib, n) for n in sorted(os.listdir(stdlib)) if n not in SITE]
+        dirs += [real(e) if os.path.islink(e) else e for e in entries]
+    except OSError:
+        pass
+    prefixes = {real(sys.base_prefix), real(sys.base_exec_prefix)}
+    for entry in sys.path:
+        full = real(entry or ".")
+        parts = set(full.split(os.sep))
+        if (any(_beneath(full, p) for p in prefixes) and not _beneath(stdlib, full)  # listed above
+                and not parts & SITE and os.path.exists(full)):
+            dirs.append(full)
+    dirs += [real(d) for d in SYSTEM_LIB_DIRS if os.path.isdir(d)]
+    unique_dirs = []
+    for d in sorted(set(dirs), key=len):  # drop a folder beneath one already allowed
+        if not any(_beneath(d, u) for u in unique_dirs):
+            unique_dirs.append(d)
+
+    def new(path: str) -> bool:
+        return not any(_beneath(path, d) for d in unique_dirs)
+
+    files = [f for f in dict.fromkeys(real(f) for f in READ_FILES if os.path.exists(f)) if new(f)]
+    inside = [d for d in unique_dirs if os.path.dirname(d) == stdlib]
+    described = [d for d in unique_dirs if d not in inside] + files
+    if inside:
+        described.append(f"{stdlib}/* ({len(inside)} entries, no site-packages)")
+    for lib in sorted({os.path.join(p, "lib") for p in prefixes}):
+        try:
+            names = sorted(os.listdir(lib))
+        except OSError:
+            continue
+        libs = [os.path.join(lib, n) for n in names if ".so" in n and os.path.isfile(os.path.join(lib, n))]
+        libs = [f for f in libs if new(f)]
+        if libs:
+            files += libs
+            described.append(f"{lib}/*.so* ({len(libs)} files)")
+    listed = [stdlib] if inside else []
+    return unique_dirs, files, listed, described
+
+
+def landlock(workdir: str, read_dirs: list[str], read_files: list[str], list_dirs: list[str]) -> str:
+    """Writes only under ``workdir``; reads only beneath ``read_dirs`` and of ``read_files``, listing
+    ``list_dirs``; executing nothing; no TCP; signals only inside."""
     abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
     if abi < 1:
         return f"unavailable ({_err()})"
@@ -70,12 +137,23 @@ def landlock(workdir: str) -> str:
     ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
         return f"failed ({_err()})"
-    for path, access in (("/", FS_EXECUTE | FS_READ_FILE | FS_READ_DIR), (workdir, fs)):
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    work = os.path.realpath(workdir)
+    dev_null = fs & (FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV)
+    rules = [(work, fs & ~FS_EXECUTE)]
+    rules += [(d, FS_READ_FILE | (FS_READ_DIR if os.path.isdir(d) else 0)) for d in read_dirs if d != work]
+    rules += [(f, dev_null if f == "/dev/null" else FS_READ_FILE) for f in read_files]
+    rules += [(d, FS_READ_DIR) for d in list_dirs]
+    for path, access in rules:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone since it was listed: nothing to allow
         rule = PathBeneathAttr(access, fd)
-        if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
-            return f"failed ({_err()})"
+        added = libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
         os.close(fd)
+        if added != 0:
+            os.close(ruleset)
+            return f"failed ({_err()})"
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return f"failed ({_err()})"
     if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
@@ -122,23 +200,41 @@ def drop_privileges(workdir: str) -> str:
     return f"uid {NOBODY} (nobody), capabilities: dac_read_search only"
 
 
-def python_guard(workdir: str) -> None:
-    """An audit hook: the last layer, and the only one where the kernel offers none of the above."""
+def python_guard(workdir: str, read_dirs: list[str], read_files: list[str], list_dirs: list[str]) -> None:
+    """An audit hook: the last layer, and the only one where the kernel offers none of the above.
+
+    Refuses sockets, subprocesses, ``ctypes``, signals, writes outside ``workdir`` and reads (``open``
+    for reading, ``os.listdir``, ``os.scandir``) outside ``read_dirs``, ``read_files`` (and listing
+    ``list_dirs``)."""
     root = os.path.realpath(workdir) + os.sep
+    readable_dirs = tuple(d.rstrip(os.sep) + os.sep for d in read_dirs)
+    readable_files = frozenset(read_files)
+    listable = frozenset(list_dirs)
     blocked = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "subprocess.Popen",
                "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill",
                "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "pty.spawn", "os.startfile"}
     path_events = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                    "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
+    list_events = {"os.listdir", "os.scandir"}
+
+    def real(path) -> str | None:
+        try:
+            return os.path.realpath(os.fsdecode(path))
+        except (TypeError, ValueError):
+            return None
 
     def outside(path) -> bool:
         if isinstance(path, int):
             return False
-        try:
-            full = os.path.realpath(os.fsdecode(path))
-        except (TypeError, ValueError):
-            return True
-        return not (full + os.sep).startswith(root)
+        full = real(path)
+        return full is None or not (full + os.sep).startswith(root)
+
+    def unreadable(path, also=frozenset()) -> bool:
+        if isinstance(path, int):
+            return False  # an open descriptor: its opening was checked
+        full = real(path)
+        return full is None or not (full in readable_files or full in also
+                                    or (full + os.sep).startswith(readable_dirs))
 
     def hook(event, args):
         if event in blocked:
@@ -146,8 +242,14 @@ def python_guard(workdir: str) -> None:
         if event == "open" and args and args[0] is not None:
             mode, flags = args[1] or "r", args[2] or 0
             writes = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-            if writes and outside(args[0]):
+            if writes and outside(args[0]) and real(args[0]) != "/dev/null":
                 raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory")
+            if not writes and unreadable(args[0]):
+                raise PermissionError(f"sandbox: reading {args[0]!r} outside the working directory "
+                                      "and the interpreter's own files")
+        elif event in list_events and args and args[0] is not None and unreadable(args[0], listable):
+            raise PermissionError(f"sandbox: listing {args[0]!r} outside the working directory "
+                                  "and the interpreter's own files")
         elif event in path_events and args and any(outside(a) for a in args[:2] if isinstance(a, (str, bytes))):
             raise PermissionError(f"sandbox: {event} outside the working directory")
 
@@ -160,11 +262,17 @@ def main() -> None:
     with open("program.py", encoding="utf-8") as f:
         source = f.read()
     code = compile(source, "program.py", "exec")
+    read_dirs, read_files, list_dirs, readable = read_roots(workdir)
     steps = {"network": isolate_network() if limits.get("network_namespace", True) else "not requested"}
     set_limits(limits)
-    steps["filesystem"] = landlock(workdir) if limits.get("landlock", True) else "not requested"
+    steps["filesystem"] = (landlock(workdir, read_dirs, read_files, list_dirs) if limits.get("landlock", True)
+                           else "not requested")
     steps["user"] = drop_privileges(workdir)
     steps["python_guard"] = bool(limits.get("python_guard", True))
+    layers = [name for name, on in (("landlock", steps["filesystem"].startswith("abi")),
+                                    ("python_guard", steps["python_guard"])) if on]
+    steps["reads"] = " + ".join(layers) if layers else "unrestricted"
+    steps["readable"] = readable if layers else ["anything"]
     if limits.get("require_isolation") and not (steps["network"].endswith("namespace")
                                                  and steps["filesystem"].startswith("abi")):
         os.write(limits["report_fd"], (json.dumps(steps) + "\n").encode())
@@ -173,9 +281,12 @@ def main() -> None:
     os.write(limits["report_fd"], (json.dumps(steps) + "\n").encode())
     os.close(limits["report_fd"])
     if steps["python_guard"]:
-        python_guard(workdir)
+        python_guard(workdir, read_dirs, read_files, list_dirs)
     sys.argv = ["program.py"]
-    sys.path[:0] = [workdir]
+    # only what may be read: an import from site-packages or the project is "not found", not "denied"
+    sys.path[:] = [workdir] + [p for p in sys.path if os.path.realpath(p or ".") in list_dirs
+                               or any(_beneath(os.path.realpath(p or "."), d) for d in read_dirs)]
+    sys.path_importer_cache.clear()
     exec(code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
 
 
