@@ -7,7 +7,6 @@ construction. Outputs: comparison.json, comparison.md and two plots.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return table
 
 
-def markdown(table: dict[str, Any], metric: str, cfg: RunConfig, command: str) -> str:
+def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
     metrics = list(next(iter(table.values()))["final"])
     head = ["method", *[f"{m} (mean ± std)" for m in metrics], "up MB", "down MB", "init noise", "agg noise",
             "agg ms/round", "wall s"]
@@ -140,10 +139,6 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
               "config": cfg.to_dict(), "methods": table}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", result)
-    (out / "comparison.md").write_text(markdown(table, metric, cfg, command))
+    (out / "comparison.md").write_text(markdown(table, cfg, command))
     plot(table, metric, out)
     return result
-
-
-def load(path: Path) -> dict[str, Any]:
-    return json.loads((path / "comparison.json").read_text())

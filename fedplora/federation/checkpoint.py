@@ -32,6 +32,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..config import RunConfig
+from ..errors import CheckpointError  # importable from here as before
 from ..methods.base import State
 
 FORMAT = 1
@@ -39,10 +40,6 @@ FOLDER = "checkpoint"
 RECORD = "checkpoint.json"
 # settings that may differ between the stopped run and its resumption (where the folder now lies)
 MAY_DIFFER = ("out",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or from another run; the message names the file and why."""
 
 
 @dataclass

@@ -13,8 +13,7 @@ METHODS: dict[str, type[FederatedMethod]] = {
 
 
 def make_method(name: str, plora, **options) -> FederatedMethod:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    """The method named by a (validated) RunConfig's ``method``."""
     return METHODS[name](plora, **options)
 
 

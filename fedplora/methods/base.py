@@ -22,6 +22,7 @@ from torch import nn
 
 from ..adapters import PLoRAConfig, get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
+from ..errors import UpdateRejected
 from ..measure import LayerFactors
 
 State = dict[str, torch.Tensor]
@@ -51,17 +52,12 @@ class ClientUpdate:
     num_samples: int
 
 
-class UpdateRejected(ValueError):
-    """A client's update failed validation; it is never aggregated."""
-
-
 class FederatedMethod(ABC):
     name: ClassVar[str]
     ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
 
     def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0) -> None:
-        if weighting not in ("samples", "uniform"):
-            raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
+        """``weighting``: "samples" or "uniform" (the run setting, checked by RunConfig)."""
         self.plora = plora
         self.weighting = weighting
         self.seed = seed

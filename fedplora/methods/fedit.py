@@ -45,13 +45,11 @@ class FedIT(LeadingPairsMethod):
             if min_rank is not None:
                 raise ValueError("min_rank belongs to FedIT's 'feasible' variant; 'ideal' trains rank R")
             self.train_rank = self.rank
-        elif variant == "feasible":
+        else:  # "feasible" (the run setting fedit_variant, checked by RunConfig)
             if min_rank is None or not 1 <= min_rank <= self.rank:
                 raise ValueError(f"FedIT 'feasible' needs min_rank in [1, {self.rank}] (the smallest client "
                                  f"budget in the federation), got {min_rank!r}")
             self.train_rank = min_rank
-        else:
-            raise ValueError(f"variant must be 'ideal' or 'feasible', got {variant!r}")
         self.variant = variant
 
     def describe(self) -> str:

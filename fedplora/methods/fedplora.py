@@ -41,9 +41,7 @@ class FedPLoRA(FederatedMethod):
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared") -> None:
         super().__init__(plora, weighting, seed)
-        if selection not in ("shared", "per_layer"):
-            raise ValueError(f"selection must be 'shared' (one draw for all layers) or 'per_layer', got {selection!r}")
-        self.selection = selection
+        self.selection = selection  # "shared" (one draw for all layers) or "per_layer"; checked by RunConfig
 
     # ------------------------------------------------------------ server side
     def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:

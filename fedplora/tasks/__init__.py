@@ -15,8 +15,7 @@ TASKS: dict[str, type[Task]] = {"tweets": TweetsTask, "bbc": BBCTask, "sst2": SS
 
 
 def make_task(config) -> Task:
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)}")
+    """The task of a (validated) RunConfig."""
     return TASKS[config.task](config)
 
 

@@ -13,9 +13,10 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from ..errors import DataError
+from .models import load_tokenizer
 
-class DataError(ValueError):
-    """Data files are missing or malformed; the message names the file and the fix."""
+__all__ = ["DataError", "Task"]  # DataError lives in fedplora.errors; importable from here as before
 
 
 class Task(ABC):
@@ -31,8 +32,6 @@ class Task(ABC):
     def tokenizer(self):
         """The model's tokenizer, loaded once (a decoder-only model's EOS doubles as padding)."""
         if self._tokenizer is None:
-            from .models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
@@ -51,7 +50,7 @@ class Task(ABC):
     @property
     def partition_column(self) -> str | None:
         """The column the label-skew and natural partitioners split by (``--partition-column`` overrides)."""
-        return getattr(self.config, "partition_column", None) or self.label_column
+        return self.config.partition_column or self.label_column
 
     @abstractmethod
     def build_model(self) -> nn.Module:

@@ -30,6 +30,7 @@ from typing import Any
 from datasets import Dataset
 
 from .. import rng
+from ..paths import local_path, missing_message, ref_kind
 from .base import DataError
 from .causal import CausalLMTask
 from .metrics import rouge_l
@@ -114,16 +115,19 @@ class InstructTask(CausalLMTask):
     stop_strings = ("\n###", "### Instruction")
 
     def load_splits(self) -> tuple[Dataset, Dataset]:
-        source = getattr(self.config, "dataset", None)
+        source = self.config.dataset
         train, test = None, None
-        if source and Path(source).expanduser().exists():
-            path = Path(source).expanduser()
+        kind = ref_kind(source) if source else None
+        if kind == "local":
+            path = local_path(source)
             if path.is_dir():
                 train, test = self._folder(path)
             else:
                 train = normalise(read_records(path), str(path))
-        elif source:
+        elif kind == "hub":
             train = self._hub(source)
+        elif kind == "missing":
+            raise DataError(missing_message("dataset", source, "file or folder"))
         elif self.config.data_dir:
             train, test = self._folder(Path(self.config.data_dir))
         else:
@@ -145,8 +149,6 @@ class InstructTask(CausalLMTask):
                 None if test is None else normalise(read_records(test), str(test)))
 
     def _hub(self, name: str):
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise DataError(f"dataset: {name!r} is not an existing file or folder, nor a hub name (org/name)")
         from datasets import load_dataset
 
         try:

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .. import rng
-from .base import DataError
+from ..errors import DataError
+from ..paths import local_path, missing_message, ref_kind
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -163,25 +164,24 @@ def gguf_tokenizer(gguf: Path):
     return out
 
 
-def check_model_ref(ref: str) -> None:
-    """A clear error for a model that is neither a local transformers folder nor a hub name."""
-    p = Path(ref).expanduser()
+def check_model_ref(ref: str) -> str:
+    """A clear error for a model that is neither a local transformers folder nor a hub name (fedplora.paths);
+    returns what to pass to ``from_pretrained``."""
+    kind, p = ref_kind(ref), local_path(ref)
+    if kind == "missing":
+        raise DataError(missing_message("model", ref))
+    if kind == "hub":
+        return ref
     if p.is_file():
         raise DataError(f"model: {ref} is a file; point --model at a transformers model folder (with config.json)")
-    if p.exists() and not (p / "config.json").is_file():
+    if not (p / "config.json").is_file():
         raise DataError(f"model: {ref} has no config.json; point --model at a transformers model folder")
-    if not p.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") != 1):
-        raise DataError(f"model: {ref!r} does not exist as a local path and is not a hub name (org/name)")
-
-
-_check_model_ref = check_model_ref  # old name
+    return str(p)
 
 
 def _from_pretrained(cls, ref: str, **kwargs):
-    check_model_ref(ref)
     try:
-        return cls.from_pretrained(str(Path(ref).expanduser()) if Path(ref).expanduser().exists() else ref,
-                                   **kwargs)
+        return cls.from_pretrained(check_model_ref(ref), **kwargs)
     except OSError as e:
         raise DataError(f"model: cannot load {ref!r} ({e})") from None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from ..paths import local_path, missing_message, ref_kind
 from .base import DataError
 from .classification import ClassificationTask, make_dataset
 
@@ -55,19 +56,27 @@ class SST2Task(ClassificationTask):
 
     def load_splits(self) -> tuple[Dataset, Dataset]:
         self.label_names = list(LABELS)
-        source = getattr(self.config, "dataset", None)
-        if source and not Path(source).expanduser().is_dir():
-            return self._from_hub(source)
-        folder = Path(source or self.config.data_dir or "").expanduser()
-        if not (source or self.config.data_dir):
+        source = self.config.dataset
+        if source:
+            kind = ref_kind(source)
+            if kind == "hub":
+                return self._from_hub(source)
+            if kind == "missing":
+                raise DataError(missing_message("dataset", source, "folder"))
+            if not local_path(source).is_dir():
+                raise DataError(f"dataset: {source} is a file; sst2 reads a folder with GLUE's train.tsv and "
+                                "validation.tsv")
+        elif not self.config.data_dir:
             raise DataError(HELP)
+        folder = local_path(source or self.config.data_dir)
         train = make_dataset(*read_tsv(folder / "train.tsv"), LABELS)
         test = make_dataset(*read_tsv(folder / "validation.tsv"), LABELS)
         return train, test
 
     def _from_hub(self, name: str) -> tuple[Dataset, Dataset]:
         if name not in HUB_NAMES:
-            raise DataError(f"dataset: {name!r} is neither a local folder nor the hub name 'glue/sst2'")
+            raise DataError(f"dataset: {name!r} is neither a local folder nor the hub name 'glue/sst2' "
+                            "(sst2 reads only GLUE SST-2)")
         from datasets import load_dataset
 
         try:
