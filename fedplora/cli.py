@@ -7,46 +7,34 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import SETTINGS, RunConfig
+from .errors import ConfigError, FedploraError
 
-# flag -> RunConfig field (flags override the --config file)
-RUN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--method": ("method", str, "federated method (fedplora)"),
-    "--task": ("task", str, "task: tweets, bbc, sst2, instruct or code"),
-    "--model": ("model", str, "model: local path or hub name (default: the task's embedded model)"),
-    "--data-dir": ("data_dir", str, "folder with the task's data files"),
-    "--rounds": ("rounds", int, "number of rounds"),
-    "--clients": ("num_clients", int, "number of clients"),
-    "--clients-per-round": ("clients_per_round", int, "clients sampled per round"),
-    "--seed": ("seed", int, "seed for sampling, selection, partitions and init"),
-    "--rank": ("rank", int, "global rank R (number of one-rank pairs)"),
-    "--alpha": ("alpha", float, "LoRA alpha (scale = alpha / R)"),
-    "--partitioner": ("partitioner", str, "iid, dirichlet, pathological or natural"),
-    "--dirichlet-alpha": ("dirichlet_alpha", float, "Dirichlet label-skew concentration"),
-    "--local-steps": ("local_steps", int, "local AdamW steps per round"),
-    "--batch-size": ("batch_size", int, "local batch size"),
-    "--lr": ("lr", float, "local learning rate"),
-    "--max-seq-len": ("max_seq_len", int, "max tokens per example"),
-    "--eval-max-examples": ("eval_max_examples", int, "held-out examples evaluated per round"),
-    "--weighting": ("weighting", str, "aggregation weights: samples or uniform"),
-    "--dataset": ("dataset", str, "data file/folder or hub name (sst2: glue/sst2; instruct: JSON/JSONL or org/name)"),
-    "--cache-dir": ("cache_dir", str, "cache for dequantised embedded models (default ~/.cache/fedplora)"),
-    "--pathological-classes": ("pathological_classes", int, "labels per client with --partitioner pathological"),
-    "--partition-column": ("partition_column", str, "column the dirichlet/pathological/natural partitioners split by"),
-    "--test-fraction": ("test_fraction", float, "share of the data held out when a task has no test split"),
-    "--eval-every": ("eval_every", int, "evaluate the global model every k rounds (and after the last)"),
-    "--gen-max-examples": ("gen_max_examples", int, "generation tasks: held-out examples generated per evaluation"),
-    "--gen-max-new-tokens": ("gen_max_new_tokens", int, "generation tasks: greedy tokens per example"),
-    "--code-timeout": ("code_timeout", float, "code task: seconds per sandboxed program"),
-}
+
+def add_setting_flags(parser: argparse.ArgumentParser, settings=SETTINGS) -> None:
+    """One flag per RunConfig setting, from its declaration (fedplora/config.py); they override --config."""
+    for s in settings:
+        kwargs: dict = {"dest": s.name, "default": None, "help": s.help_text().replace("%", "%%")}
+        if s.type is bool and not s.is_list:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _named(s.parse, f"{s.type.__name__} list" if s.is_list else s.type.__name__)
+            kwargs["metavar"] = s.rule.metavar or ("{" + ",".join(map(str, s.allowed())) + "}" if s.rule.choices
+                                                   else s.name.upper())
+        parser.add_argument(*s.flags, **kwargs)
+
+
+def _named(fn, name: str):
+    """``fn`` under ``name``: argparse's "invalid <name> value" message uses it."""
+    def parse(text: str):
+        return fn(text)
+
+    parse.__name__ = name
+    return parse
 
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.replace(":", ",").split(",") if x.strip()]
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.replace(":", ",").split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one federated fine-tuning run (Flower Simulation Engine)")
     run.add_argument("--config", help="TOML file with any setting (flags override it)")
-    run.add_argument("--out", help="output folder (default runs/<method>-<task>-<time>)")
-    for flag, (_, typ, helptext) in RUN_FLAGS.items():
-        run.add_argument(flag, type=typ, help=helptext)
-    run.add_argument("--ranks", type=_int_list, help="rank budgets of the client groups, e.g. 2,4,8")
-    run.add_argument("--rank-shares", type=_float_list, help="share of clients per group, e.g. 1:1:1 or 6:3:1")
-    run.add_argument("--targets", type=lambda s: s.split(","), help="target module names, e.g. query,value")
+    add_setting_flags(run)
     cmp = sub.add_parser("compare", parents=[run], add_help=False,
                          help="run several methods on identical clients, partitions, budgets and seeds")
     cmp.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
@@ -80,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     base = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in RUN_FLAGS.items()}
-    overrides.update(ranks=args.ranks, rank_shares=args.rank_shares, targets=args.targets, out=args.out)
-    cfg = base.with_overrides(**overrides)
+    cfg = base.with_overrides(**{s.name: getattr(args, s.name) for s in SETTINGS})
     if args.ranks is not None and args.rank_shares is None and len(cfg.rank_shares) != len(cfg.ranks):
         cfg.rank_shares = [1.0] * len(cfg.ranks)  # --ranks alone: equal shares
     return cfg.validate()
@@ -92,8 +73,9 @@ def resume_config_from_args(args: argparse.Namespace) -> RunConfig:
     """``--resume DIR``: the run keeps the settings it started with; a flag that would change them is refused."""
     from .federation.checkpoint import resume_config
 
-    flags = [*RUN_FLAGS, "--ranks", "--rank-shares", "--targets", "--config"]
-    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
+    given = [s.flags[0] for s in SETTINGS if s.name != "out" and getattr(args, s.name) is not None]
+    if args.config is not None:
+        given.append("--config")
     if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
         given.append("--out")
     if given:
@@ -146,17 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "deploy-local":
             return cmd_deploy_local(args)
-    except ConfigError as e:
+    except FedploraError as e:  # a problem the user can fix: one line, no traceback
         print(f"fedplora: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        from .federation.checkpoint import CheckpointError
-        from .tasks.base import DataError
-
-        if isinstance(e, (DataError, FileNotFoundError, CheckpointError)):
-            print(f"fedplora: error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 1
 
 

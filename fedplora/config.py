@@ -1,18 +1,99 @@
-"""Every setting of a run in one dataclass: TOML file < CLI flags, validated up front.
+"""Every setting of a run, each declared once: TOML file < CLI flags, validated up front.
 
-A bad setting fails fast with one line that names it and says how to fix it.
+Why it is built this way: a setting used to be written down in up to four places (the dataclass
+field, a CLI flag with its help, a check in ``validate``, and again in the method or task that
+reads it), and the copies drifted: settings without flags, a "local path or hub name" rule in
+four versions, a TOML writer that forgot escaping. Now each field of ``RunConfig`` is one
+``setting(default, help, choices=..., ge=..., ...)`` declaration, and everything else is derived
+from it:
+
+* the CLI flags of ``fedplora run`` / ``compare`` / ``deploy-local`` (``cli.add_setting_flags``):
+  ``--<name-with-dashes>`` unless the declaration names other ``flags``;
+* the TOML file (``to_toml`` / ``from_toml``), which reads back exactly what it writes;
+* the generic checks of ``validate``: type, allowed values, bounds, and a per-setting ``check``.
+
+Only the checks that relate several settings are written by hand (``_cross_checks``). Adding a
+setting (say ``device``) is one declaration below; ``tests/test_config_cli.py`` fails if a setting
+has no flag or does not survive the TOML round trip. Methods and tasks trust a validated
+``RunConfig`` and do not check its settings again.
+
+A bad setting fails fast with one line (``ConfigError``) that names it and says how to fix it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError  # importable from here, as before errors.py
+from .paths import missing_reason, ref_kind
 
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it."""
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")  # implemented in tasks/partition.py
+
+
+# ------------------------------------------------------------------ declarations
+@dataclass(frozen=True)
+class Rule:
+    """What a declaration says about a setting besides its type and default."""
+
+    help: str
+    choices: tuple[Any, ...] | Callable[[], Iterable[Any]] | None = None  # a callable: a registry, read lazily
+    ge: float | None = None  # bounds (for a list: of each entry)
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    nonempty: bool = False  # a list needs at least one entry
+    check: Callable[[Any], str | None] | None = None  # a set value's further rule: what is wrong, or None
+    hint: str = ""  # appended to the rule in messages, e.g. "0 = never"
+    flags: tuple[str, ...] = ()  # CLI flags; default: --<name-with-dashes>
+    metavar: str | None = None
+
+
+def setting(default: Any, help: str, **rule: Any) -> Any:
+    """One setting: its default, its help text and its rules (see ``Rule``); the type is the annotation."""
+    meta = {"rule": Rule(help=help, **rule)}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _methods() -> list[str]:
+    from .methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _tasks() -> list[str]:
+    from .tasks import TASKS
+
+    return sorted(TASKS)
+
+
+def _model_ref(ref: str) -> str | None:
+    return missing_reason(ref, "local path") if ref_kind(ref) == "missing" else None
+
+
+def _dataset_ref(ref: str) -> str | None:
+    return missing_reason(ref, "file or folder") if ref_kind(ref) == "missing" else None
+
+
+def _folder(path: str) -> str | None:
+    return None if Path(path).is_dir() else f"no such folder {path}"
+
+
+def _column(name: str) -> str | None:
+    return None if name.strip() else f"must be a column name, got {name!r}"
+
+
+def _modules(names: list[str]) -> str | None:
+    return None if all(n.strip() for n in names) else f"module names must not be empty, got {names!r}"
 
 
 @dataclass
@@ -21,70 +102,87 @@ class RunConfig:
     2 per round, 8 rounds; about 2.5 minutes on 2 CPU cores."""
 
     # what to run
-    method: str = "fedplora"
-    task: str = "tweets"
-    model: str | None = None  # local path or hub name; None = the task's embedded default
-    data_dir: str | None = None  # for tasks that read local files (e.g. sst2)
-    dataset: str | None = None  # a data file/folder or hub name (sst2: glue/sst2; instruct: JSON/JSONL or org/name)
-    cache_dir: str | None = None  # dequantised embedded models (default $FEDPLORA_CACHE or ~/.cache/fedplora)
+    method: str = setting("fedplora", "federated method", choices=_methods)
+    task: str = setting("tweets", "task (docs/tasks.md)", choices=_tasks)
+    model: str | None = setting(None, "model: local path or hub name (default: the task's embedded model)",
+                                check=_model_ref)
+    data_dir: str | None = setting(None, "folder with the task's data files", check=_folder)
+    dataset: str | None = setting(None, "data file/folder or hub name (sst2: glue/sst2; instruct: JSON/JSONL "
+                                        "or org/name)", check=_dataset_ref)
+    cache_dir: str | None = setting(None, "cache for dequantised embedded models "
+                                          "(default $FEDPLORA_CACHE or ~/.cache/fedplora)")
     # federation
-    rounds: int = 8
-    num_clients: int = 10
-    clients_per_round: int = 2
-    seed: int = 0
+    rounds: int = setting(8, "number of rounds", ge=1)
+    num_clients: int = setting(10, "number of clients", ge=1, flags=("--clients", "--num-clients"))
+    clients_per_round: int = setting(2, "clients sampled per round", ge=1)
+    seed: int = setting(0, "seed for sampling, selection, partitions and init")
     # adapter: global rank R, alpha, targets (None = attention projections)
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] | None = None
-    lora_dropout: float = 0.0
+    rank: int = setting(8, "global rank R (number of one-rank pairs)", ge=1)
+    alpha: float = setting(16.0, "LoRA alpha (scale = alpha / R)", gt=0)
+    targets: list[str] | None = setting(None, "target module names (default: the attention projections)",
+                                        nonempty=True, check=_modules, metavar="query,value")
+    lora_dropout: float = setting(0.0, "dropout on the adapter's input", ge=0, lt=1)
     # heterogeneity: rank groups and their shares of the clients, e.g. ranks [2,4,8] at 1:1:1
-    ranks: list[int] = field(default_factory=lambda: [2, 4, 8])
-    rank_shares: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    budget_fluctuation: float = 0.0  # chance per round that a client's budget drops one group
+    ranks: list[int] = setting([2, 4, 8], "rank budgets of the client groups, each in [1, rank]",
+                               ge=1, nonempty=True, metavar="2,4,8")
+    rank_shares: list[float] = setting([1.0, 1.0, 1.0], "share of clients per rank group "
+                                                        "(--ranks alone: equal shares)",
+                                       ge=0, nonempty=True, metavar="1:1:1")
+    budget_fluctuation: float = setting(0.0, "chance per round that a client's budget drops one group",
+                                        ge=0, le=1)
     # method options
-    weighting: str = "samples"  # or "uniform"
-    selection: str = "shared"  # Fed-PLoRA: one index draw for all layers, or "per_layer"
-    fedit_variant: str = "ideal"  # FedIT: "ideal" (every client at R, ignores budgets) or "feasible" (smallest budget)
+    weighting: str = setting("samples", "aggregation weights", choices=("samples", "uniform"))
+    selection: str = setting("shared", "Fed-PLoRA: one index draw for all layers (shared) or one per layer",
+                             choices=("shared", "per_layer"))
+    fedit_variant: str = setting("ideal", "FedIT: every client at R, ignoring budgets (ideal), or every client "
+                                          "at the smallest budget (feasible)", choices=("ideal", "feasible"))
     # data
-    partitioner: str = "iid"  # "iid", "dirichlet", "pathological" or "natural" (docs/tasks.md)
-    dirichlet_alpha: float = 0.5
-    pathological_classes: int = 2  # "pathological": labels per client
-    partition_column: str | None = None  # column the label-skew/natural partitioners split by (None = the task's)
-    test_fraction: float = 0.2
-    max_seq_len: int = 64
-    eval_max_examples: int = 300
-    eval_every: int = 1
-    gen_max_examples: int = 20  # generation tasks: held-out examples generated per evaluation (a seeded sample)
-    gen_max_new_tokens: int = 128  # generation tasks: greedy tokens per example
-    code_timeout: float = 10.0  # code task: seconds of wall time per sandboxed program
+    partitioner: str = setting("iid", "how the training data is split over clients (docs/tasks.md)",
+                               choices=PARTITIONERS)
+    dirichlet_alpha: float = setting(0.5, "Dirichlet label-skew concentration (small = strong skew)", gt=0)
+    pathological_classes: int = setting(2, "labels per client with --partitioner pathological", ge=1)
+    partition_column: str | None = setting(None, "column the dirichlet/pathological/natural partitioners split "
+                                                 "by (default: the task's label column)", check=_column)
+    test_fraction: float = setting(0.2, "share of the data held out when a task has no test split", gt=0, lt=1)
+    max_seq_len: int = setting(64, "max tokens per example", ge=1)
+    eval_max_examples: int = setting(300, "held-out examples evaluated per round (a seeded sample)", ge=1)
+    eval_every: int = setting(1, "evaluate the global model every k rounds (and after the last)", ge=1)
+    gen_max_examples: int = setting(20, "generation tasks: held-out examples generated per evaluation", ge=1)
+    gen_max_new_tokens: int = setting(128, "generation tasks: greedy tokens per example", ge=1)
+    code_timeout: float = setting(10.0, "code task: seconds of wall time per sandboxed program", gt=0)
     # local training
-    local_steps: int = 15
-    batch_size: int = 16
-    lr: float = 4e-3
-    weight_decay: float = 0.0
+    local_steps: int = setting(15, "local AdamW steps per round", ge=1)
+    batch_size: int = setting(16, "local batch size", ge=1)
+    lr: float = setting(4e-3, "local learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     # runtime
-    round_timeout: float = 900.0
-    min_replies: int = 1
-    max_update_norm: float | None = None
-    client_cpus: float = 1.0
-    out: str | None = None
+    round_timeout: float = setting(900.0, "seconds a round waits for its clients' replies", gt=0)
+    min_replies: int = setting(1, "valid replies a round needs to aggregate", ge=1)
+    max_update_norm: float | None = setting(None, "reject a client update whose L2 norm exceeds this", gt=0)
+    client_cpus: float = setting(1.0, "CPU cores per simulated client", gt=0)
+    out: str | None = setting(None, "output folder (default runs/<method>-<task>-<time>)")
     # fault tolerance (docs/fault-tolerance.md)
-    connect_timeout: float = 900.0  # seconds for all clients to connect and answer the first query (cold start)
-    checkpoint_every: int = 1  # write a resumable checkpoint every k rounds (and after the last); 0 = never
-    on_too_few_replies: str = "skip"  # fewer than min_replies valid replies: "skip" the round or "retry" it
-    max_round_retries: int = 2  # with "retry": extra attempts (each with a fresh client sample) before skipping
-    fail_fraction: float = 0.0  # failure injection for tests: this fraction of all clients fails each round
-    fail_mode: str = "error"  # injected failure: "error" (the client raises) or "straggle" (replies too late)
+    connect_timeout: float = setting(900.0, "seconds for all clients to connect and answer the first query "
+                                            "(cold start)", gt=0)
+    checkpoint_every: int = setting(1, "write a resumable checkpoint every k rounds (and after the last)",
+                                    ge=0, hint="0 = no checkpoints")
+    on_too_few_replies: str = setting("skip", "fewer than min_replies valid replies: skip the round or retry it",
+                                      choices=("skip", "retry"))
+    max_round_retries: int = setting(2, "with retry: extra attempts (each with a fresh client sample) "
+                                        "before skipping", ge=0)
+    fail_fraction: float = setting(0.0, "failure injection for tests: this fraction of all clients fails "
+                                        "each round", ge=0, le=1)
+    fail_mode: str = setting("error", "injected failure: the client raises (error) or replies too late "
+                                      "(straggle)", choices=("error", "straggle"))
 
     # ------------------------------------------------------------------ IO
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
-        known = {f.name for f in fields(cls)}
         norm = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(norm) - known)
+        unknown = sorted(set(norm) - set(BY_NAME))
         if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {unknown}; known settings: {sorted(known)}")
-        return cls(**norm)
+            raise ConfigError(f"{source}: unknown setting(s) {unknown}; known settings: {sorted(BY_NAME)}")
+        return cls(**{k: BY_NAME[k].coerce(v) for k, v in norm.items()})
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
@@ -92,7 +190,7 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"--config: no such file {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: {path} is not valid TOML ({e})") from None
         return cls.from_dict(data.get("fedplora", data), source=str(path))
@@ -106,88 +204,189 @@ class RunConfig:
         return asdict(self)
 
     def to_toml(self) -> str:
-        lines = []
-        for k, v in asdict(self).items():
-            if v is None:
-                continue
-            if isinstance(v, str):
-                lines.append(f'{k} = "{v}"')
-            elif isinstance(v, bool):
-                lines.append(f"{k} = {'true' if v else 'false'}")
-            elif isinstance(v, list):
-                lines.append(f"{k} = [{', '.join(repr(x) if not isinstance(x, str) else chr(34) + x + chr(34) for x in v)}]")
-            else:
-                lines.append(f"{k} = {v}")
-        return "\n".join(lines) + "\n"
+        """Every set setting, one ``name = value`` line; ``from_toml`` reads it back equal.
+
+        An unset (None) setting is left out: TOML has no null, and such a setting's default is None.
+        """
+        return "".join(f"{s.name} = {_toml_value(v)}\n" for s in SETTINGS if (v := getattr(self, s.name)) is not None)
 
     # ------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
-        from .methods import METHODS
-        from .tasks import TASKS
+        for s in SETTINGS:
+            problem = s.problem(getattr(self, s.name))
+            if problem:
+                raise ConfigError(f"{s.name}: {problem}")
+        self._cross_checks()
+        return self
+
+    def _cross_checks(self) -> None:
+        """The rules that relate several settings (each setting on its own is checked from its declaration)."""
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(self.method in METHODS, f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        need(self.task in TASKS, f"task: unknown task {self.task!r}; choose one of {sorted(TASKS)}")
-        for name in ("rounds", "num_clients", "clients_per_round", "rank", "local_steps", "batch_size",
-                     "max_seq_len", "eval_max_examples", "eval_every", "min_replies", "pathological_classes",
-                     "gen_max_examples", "gen_max_new_tokens"):
-            v = getattr(self, name)
-            need(is_int(v) and v >= 1, f"{name}: must be an integer >= 1, got {v!r}")
-        need(is_int(self.seed), f"seed: must be an integer, got {self.seed!r}")
         need(self.clients_per_round <= self.num_clients,
              f"clients_per_round: {self.clients_per_round} is more than num_clients={self.num_clients}; "
              "lower --clients-per-round or raise --clients")
         need(self.min_replies <= self.clients_per_round,
-             f"min_replies: {self.min_replies} is more than clients_per_round={self.clients_per_round}")
-        need(self.alpha > 0, f"alpha: must be > 0, got {self.alpha!r}")
-        need(0 <= self.lora_dropout < 1, f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
-        need(isinstance(self.ranks, list) and len(self.ranks) >= 1 and all(is_int(r) for r in self.ranks),
-             f"ranks: must be a list of integers, got {self.ranks!r}")
+             f"min_replies: {self.min_replies} is more than clients_per_round={self.clients_per_round}; "
+             "lower --min-replies or raise --clients-per-round")
         for r in self.ranks:
-            need(1 <= r <= self.rank, f"ranks: budget {r} is outside [1, rank={self.rank}]; "
-                                      "a client cannot train more pairs than the global rank R")
-        need(isinstance(self.rank_shares, list) and len(self.rank_shares) == len(self.ranks),
+            need(r <= self.rank, f"ranks: budget {r} is outside [1, rank={self.rank}]; "
+                                 "a client cannot train more pairs than the global rank R (raise --rank)")
+        need(len(self.rank_shares) == len(self.ranks),
              f"rank_shares: needs one share per rank group ({len(self.ranks)}), got {self.rank_shares!r}")
-        need(all(s >= 0 for s in self.rank_shares) and sum(self.rank_shares) > 0,
-             f"rank_shares: must be >= 0 and not all 0, got {self.rank_shares!r}")
-        need(0 <= self.budget_fluctuation <= 1, f"budget_fluctuation: must be in [0, 1], got {self.budget_fluctuation!r}")
-        need(self.weighting in ("samples", "uniform"), f"weighting: must be 'samples' or 'uniform', got {self.weighting!r}")
-        need(self.selection in ("shared", "per_layer"), f"selection: must be 'shared' or 'per_layer', got {self.selection!r}")
-        need(self.fedit_variant in ("ideal", "feasible"),
-             f"fedit_variant: must be 'ideal' or 'feasible', got {self.fedit_variant!r}")
-        need(self.partitioner in ("iid", "dirichlet", "pathological", "natural"),
-             f"partitioner: must be 'iid', 'dirichlet', 'pathological' or 'natural', got {self.partitioner!r}")
-        need(self.partition_column is None or (isinstance(self.partition_column, str) and self.partition_column != ""),
-             f"partition_column: must be a column name, got {self.partition_column!r}")
-        need(self.code_timeout > 0, f"code_timeout: must be > 0 seconds, got {self.code_timeout!r}")
-        need(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha!r}")
-        need(0 < self.test_fraction < 1, f"test_fraction: must be in (0, 1), got {self.test_fraction!r}")
-        need(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
-        need(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        need(self.round_timeout > 0, f"round_timeout: must be > 0 seconds, got {self.round_timeout!r}")
-        need(self.max_update_norm is None or self.max_update_norm > 0,
-             f"max_update_norm: must be > 0 when set, got {self.max_update_norm!r}")
-        need(self.client_cpus > 0, f"client_cpus: must be > 0, got {self.client_cpus!r}")
-        need(self.connect_timeout > 0, f"connect_timeout: must be > 0 seconds, got {self.connect_timeout!r}")
-        need(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
-             f"checkpoint_every: must be an integer >= 0 (0 = no checkpoints), got {self.checkpoint_every!r}")
-        need(self.on_too_few_replies in ("skip", "retry"),
-             f"on_too_few_replies: must be 'skip' or 'retry', got {self.on_too_few_replies!r}")
-        need(is_int(self.max_round_retries) and self.max_round_retries >= 0,
-             f"max_round_retries: must be an integer >= 0, got {self.max_round_retries!r}")
-        need(0 <= self.fail_fraction <= 1, f"fail_fraction: must be in [0, 1], got {self.fail_fraction!r}")
-        need(self.fail_mode in ("error", "straggle"), f"fail_mode: must be 'error' or 'straggle', got {self.fail_mode!r}")
-        if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
-            raise ConfigError(f"model: {self.model!r} is neither an existing local path nor a hub name (org/name)")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise ConfigError(f"data_dir: no such folder {self.data_dir}")
-        if self.dataset is not None and not Path(self.dataset).expanduser().exists() and (
-                self.dataset.startswith((".", "/", "~")) or self.dataset.count("/") not in (1, 2)):
-            raise ConfigError(f"dataset: {self.dataset!r} is neither an existing file or folder nor a hub name (org/name)")
-        return self
+        need(sum(self.rank_shares) > 0, f"rank_shares: must not be all 0, got {self.rank_shares!r}")
+
+
+# ------------------------------------------------------------------ derived from the declarations
+_WHAT = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+         bool: ("true or false", "booleans")}
+
+
+def _is(typ: type, value: Any) -> bool:
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def _one_of(values: Iterable[Any]) -> str:
+    items = [repr(v) for v in values]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of RunConfig with its declaration: what the CLI, the TOML file and validate() use."""
+
+    name: str
+    type: type  # int, float, str or bool (of each entry, for a list)
+    is_list: bool
+    optional: bool  # None allowed (unset); then the default is None
+    default: Any
+    rule: Rule
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return self.rule.flags or ("--" + self.name.replace("_", "-"),)
+
+    def allowed(self) -> list[Any] | None:
+        c = self.rule.choices
+        return list(c() if callable(c) else c) if c is not None else None
+
+    def _bounds(self) -> str:
+        r = self.rule
+        lo = (r.ge, "[", ">=") if r.ge is not None else (r.gt, "(", ">") if r.gt is not None else None
+        hi = (r.le, "]", "<=") if r.le is not None else (r.lt, ")", "<") if r.lt is not None else None
+        if lo and hi:
+            return f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+        if lo or hi:
+            bound, _, op = lo or hi
+            return f"{op} {bound:g}"
+        return ""
+
+    def _in_bounds(self, v: Any) -> bool:
+        r = self.rule
+        if isinstance(v, float) and math.isnan(v):
+            return r.ge is None and r.gt is None and r.le is None and r.lt is None
+        return ((r.ge is None or v >= r.ge) and (r.gt is None or v > r.gt)
+                and (r.le is None or v <= r.le) and (r.lt is None or v < r.lt))
+
+    def describe(self) -> str:
+        """The rule in words, e.g. "must be an integer >= 1", "must be 'samples' or 'uniform'"."""
+        one, many = _WHAT[self.type]
+        allowed, bounds = self.allowed(), self._bounds()
+        if self.is_list:
+            text = f"must be a {'non-empty ' if self.rule.nonempty else ''}list of {many}"
+            text += f", each {bounds}" if bounds else ""
+            text += f", each {_one_of(allowed)}" if allowed else ""
+        elif allowed:
+            text = f"must be {_one_of(allowed)}"
+        else:
+            text = f"must be {one}" + (f" {bounds}" if bounds else "")
+        if self.optional:
+            text += " when set"
+        return text + (f" ({self.rule.hint})" if self.rule.hint else "")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this setting (one line, without the name), or None."""
+        allowed = self.allowed()
+
+        def ok(v: Any) -> bool:
+            return _is(self.type, v) and (allowed is None or v in allowed) and (self.type is str or self._in_bounds(v))
+
+        if value is None:
+            fine = self.optional
+        elif self.is_list:
+            fine = isinstance(value, list) and (value or not self.rule.nonempty) and all(ok(v) for v in value)
+        else:
+            fine = ok(value)
+        if not fine:
+            return f"{self.describe()}, got {value!r} ({self.flags[0]})"
+        return self.rule.check(value) if value is not None and self.rule.check else None
+
+    def coerce(self, value: Any) -> Any:
+        """An integer where a number is declared becomes a float (TOML ``alpha = 16`` reads as 16.0)."""
+        def one(v: Any) -> Any:
+            return float(v) if self.type is float and isinstance(v, int) and not isinstance(v, bool) else v
+
+        return [one(v) for v in value] if self.is_list and isinstance(value, list) else one(value)
+
+    def parse(self, text: str) -> Any:
+        """A CLI value: ``8``, ``0.5``, ``name``; lists ``2,4,8`` (numbers also ``6:3:1``)."""
+        if not self.is_list:
+            return self.type(text)
+        if self.type in (int, float):
+            text = text.replace(":", ",")
+        return [self.type(x.strip()) for x in text.split(",") if x.strip()]
+
+    def help_text(self) -> str:
+        parts = [self.rule.help]
+        allowed = self.allowed()
+        if allowed:
+            parts.append("one of " + ", ".join(map(str, allowed)))
+        if self.default is not None:
+            d = self.default
+            parts.append("default " + (",".join(map(str, d)) if isinstance(d, list) else str(d)))
+        return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
+def _settings(cls: type) -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp, optional = hints[f.name], False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            rest = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp, optional = rest[0], len(rest) == 1
+        is_list = typing.get_origin(tp) is list
+        if is_list:
+            tp = typing.get_args(tp)[0]
+        if tp not in _WHAT or "rule" not in f.metadata:
+            raise TypeError(f"RunConfig.{f.name}: declare it with setting(...) as int, float, str, bool, "
+                            "a list of one of them, or one of those | None")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if optional and default is not None:
+            raise TypeError(f"RunConfig.{f.name}: an optional setting defaults to None (TOML has no null)")
+        out.append(Setting(f.name, tp, is_list, optional, default, f.metadata["rule"]))
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = _settings(RunConfig)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # Python's float repr (1e-05, inf, nan) is valid TOML
+    if isinstance(v, str):
+        # JSON string escaping is valid TOML basic-string escaping; DEL must be escaped too in TOML
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} to TOML")

@@ -1,10 +1,14 @@
+import argparse
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from fedplora.cli import main
-from fedplora.config import ConfigError, RunConfig
+from fedplora import config as config_module
+from fedplora.cli import add_setting_flags, build_parser, config_from_args, main
+from fedplora.config import SETTINGS, ConfigError, RunConfig, setting
+from fedplora.errors import CheckpointError, DataError, FedploraError, UpdateRejected
 from fedplora.federation.heterogeneity import assign_budgets, group_sizes, round_budget
 
 
@@ -34,8 +38,6 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
 
 
 def test_flags_override_the_config_file(tmp_path):
-    from fedplora.cli import build_parser, config_from_args
-
     (tmp_path / "c.toml").write_text("rounds = 5\nseed = 3\nranks = [1, 2]\nrank_shares = [3, 1]\n")
     args = build_parser().parse_args(["run", "--config", str(tmp_path / "c.toml"), "--rounds", "2"])
     cfg = config_from_args(args)
@@ -68,3 +70,259 @@ def test_heterogeneity_profile():
     assert round_budget(2, [2, 4, 8], 1.0, 0, 1, 0) == 1
     with pytest.raises(ConfigError, match="rank_shares"):
         RunConfig(ranks=[2, 4], rank_shares=[1.0]).validate()
+
+
+# ------------------------------------------------------------ one declaration per setting
+AWKWARD = ['say "hi"', "back\\slash\\", "two\nlines\r\n", "tab\there", "ünïcødé ✓ 😀",
+           "del\x7f nul\x00 bell\x07", "'single' \"double\" '''triple'''", "#not a comment", "a = b",
+           "[table]", "\\u0041 \\n literal", ""]
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_field_is_declared_once():
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    assert [s.name for s in SETTINGS] == names
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata["rule"].help, f"{f.name}: declare it with setting(default, help=...)"
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "deploy-local"])
+def test_every_setting_has_a_cli_flag(command):
+    parser = _subparsers()[command]
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(RunConfig):  # from the dataclass, so a new field without a flag fails here
+        assert f.name in by_dest, f"{f.name}: no flag in `fedplora {command}`"
+        spec = config_module.BY_NAME[f.name]
+        assert set(spec.flags) <= set(by_dest[f.name].option_strings)
+        assert all(flag.startswith("--") and flag == flag.lower() and "_" not in flag for flag in spec.flags)
+        assert by_dest[f.name].help
+
+
+def test_historic_flag_names_still_work():
+    args = build_parser().parse_args(["run", "--clients", "6", "--ranks", "2,4", "--rank-shares", "3:1",
+                                      "--targets", "query,value", "--clients-per-round", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.targets) == (6, [2, 4], [3.0, 1.0], ["query", "value"])
+    assert config_from_args(build_parser().parse_args(["run", "--num-clients", "7"])).num_clients == 7
+    assert config_from_args(build_parser().parse_args(["run", "--ranks", "2,4"])).rank_shares == [1.0, 1.0]
+
+
+def _non_default(s):
+    """A valid value different from the setting's default, as (CLI text, parsed value)."""
+    samples = {"method": ("flora", "flora"), "task": ("bbc", "bbc"), "model": None, "data_dir": None,
+               "dataset": ("org/name", "org/name"), "cache_dir": ("/tmp/c c", "/tmp/c c"),
+               "rounds": ("3", 3), "num_clients": ("12", 12), "clients_per_round": ("3", 3), "seed": ("-4", -4),
+               "rank": ("16", 16), "ranks": ("1,16", [1, 16]), "rank_shares": ("6:3", [6.0, 3.0]),
+               "targets": ("q_proj,v_proj", ["q_proj", "v_proj"]), "min_replies": ("2", 2),
+               "partition_column": ("category", "category"), "out": ("runs/x", "runs/x"),
+               "max_update_norm": ("2.5", 2.5)}
+    if s.name in samples:
+        return samples[s.name]
+    if s.rule.choices:
+        value = next(c for c in s.allowed() if c != s.default)
+        return value, value
+    if s.type is int:
+        return str(s.default + 2), s.default + 2
+    if s.type is float:
+        value = s.default / 2 if s.default else 0.5
+        return repr(value), value
+    raise AssertionError(f"{s.name}: add a sample value to this test")
+
+
+def test_every_flag_sets_its_setting(tmp_path):
+    argv, expected = ["run"], {}
+    for s in SETTINGS:
+        sample = _non_default(s)
+        if sample is None:  # a path that must exist
+            sample = (str(tmp_path), str(tmp_path))
+        argv += [s.flags[0], sample[0]]
+        expected[s.name] = sample[1]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert all(getattr(cfg, s.name) != s.default for s in SETTINGS)
+    assert RunConfig.from_toml(_write(tmp_path / "all.toml", cfg.to_toml())) == cfg
+
+
+def test_toml_round_trip_with_awkward_strings(tmp_path):
+    import tomllib
+
+    for text in AWKWARD:
+        cfg = RunConfig(model=text, data_dir=text, dataset=text, cache_dir=text, partition_column=text, out=text,
+                        targets=[text, "x"], method=text)
+        toml = cfg.to_toml()
+        assert tomllib.loads(toml)["model"] == text
+        again = RunConfig.from_toml(_write(tmp_path / "awkward.toml", toml))
+        assert again == cfg, text
+
+
+def test_toml_round_trip_numbers(tmp_path):
+    for value in (1e-05, 1e20, 0.1 + 0.2, 3.0, float("inf")):
+        cfg = RunConfig(lr=value, alpha=value, max_update_norm=value)
+        assert RunConfig.from_toml(_write(tmp_path / "n.toml", cfg.to_toml())) == cfg
+    (tmp_path / "ints.toml").write_text("alpha = 16\nrank_shares = [3, 1]\n")
+    cfg = RunConfig.from_toml(tmp_path / "ints.toml")
+    assert isinstance(cfg.alpha, float) and all(isinstance(s, float) for s in cfg.rank_shares)
+    assert RunConfig.from_toml(_write(tmp_path / "again.toml", cfg.to_toml())) == cfg
+
+
+@pytest.mark.parametrize("s", [s for s in SETTINGS if s.rule.choices], ids=lambda s: s.name)
+def test_each_allowed_values_setting_rejects_a_bad_value(s, capsys):
+    assert main(["run", s.flags[0], "no-such-value"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fedplora: error: {s.name}: must be ") and repr(s.allowed()[0]) in err, err
+    assert s.flags[0] in err  # how to fix it
+
+
+def _out_of_bounds(s):
+    r = s.rule
+    if r.ge is not None:
+        return r.ge - 1
+    if r.gt is not None:
+        return r.gt
+    if r.le is not None:
+        return r.le + 1
+    return r.lt
+
+
+@pytest.mark.parametrize("s", [s for s in SETTINGS if s.type in (int, float) and _out_of_bounds(s) is not None],
+                         ids=lambda s: s.name)
+def test_each_bounded_setting_rejects_an_out_of_bounds_value(s):
+    bad = _out_of_bounds(s)
+    bad = s.type(bad) if not s.is_list else [s.type(bad)]
+    with pytest.raises(ConfigError, match=f"^{s.name}: must be .*got") as e:
+        RunConfig(**{s.name: bad}).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_types_are_rejected_naming_the_setting(tmp_path):
+    for line, name in [('rounds = "3"', "rounds"), ("rounds = 2.0", "rounds"), ("lr = true", "lr"),
+                       ('ranks = "2,4"', "ranks"), ("ranks = [2, 4.5]", "ranks"), ("model = 3", "model"),
+                       ("targets = []", "targets"), ('weighting = ["samples"]', "weighting")]:
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            RunConfig.from_toml(_write(tmp_path / "t.toml", line + "\n")).validate()
+
+
+def test_adding_a_setting_is_one_declaration(tmp_path):
+    """What a later `device` / `dtype` / boolean setting gets from its declaration alone."""
+
+    @dataclasses.dataclass
+    class Extra:
+        device: str = setting("cpu", "where to train", choices=("cpu", "cuda"))
+        compile: bool = setting(False, "torch.compile the model")
+        scale: float | None = setting(None, "a bound", gt=0)
+
+    specs = config_module._settings(Extra)
+    parser = argparse.ArgumentParser()
+    add_setting_flags(parser, specs)
+    args = parser.parse_args(["--device", "cuda", "--compile", "--scale", "2"])
+    assert (args.device, args.compile, args.scale) == ("cuda", True, 2.0)
+    assert parser.parse_args(["--no-compile"]).compile is False and parser.parse_args([]).compile is None
+    device, flag, scale = specs
+    assert device.problem("tpu") == "must be 'cpu' or 'cuda', got 'tpu' (--device)"
+    assert flag.problem(1) and flag.problem(True) is None and scale.problem(None) is None
+    assert config_module._toml_value(True) == "true"
+
+    @dataclasses.dataclass
+    class Undeclared:
+        x: int = 3
+
+    with pytest.raises(TypeError, match="setting"):
+        config_module._settings(Undeclared)
+
+    @dataclasses.dataclass
+    class OptionalWithDefault:
+        x: int | None = setting(3, "x")
+
+    with pytest.raises(TypeError, match="defaults to None"):
+        config_module._settings(OptionalWithDefault)
+
+
+# ------------------------------------------------------------ local path or hub name
+def test_one_rule_for_local_path_or_hub_name(tmp_path, monkeypatch):
+    from fedplora.paths import ref_kind
+    from fedplora.tasks.models import check_model_ref
+
+    (tmp_path / "file.json").write_text("[]")
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "org" / "name" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    cases = {"file.json": "local", str(tmp_path): "local", "org/name": "local",  # an existing path wins
+             "other/name": "hub", "nyu-mll/glue/sst2": "hub", "Org-1/model_v2.5": "hub",
+             "bert": "missing", "./x/y": "missing", "../x/y": "missing", "/no/such": "missing",
+             "~/no/such": "missing", "a/b/c/d": "missing", "nope/": "missing", "/org": "missing"}
+    for ref, kind in cases.items():
+        assert ref_kind(ref) == kind, ref
+        # config validation and the model loader apply the same rule
+        refused = kind == "missing"
+        try:
+            RunConfig(model=ref).validate()
+            assert not refused, ref
+        except ConfigError as e:
+            assert refused and str(e).startswith("model: ")
+            assert "neither an existing local path nor a hub name" in str(e)
+        if refused:
+            with pytest.raises(DataError, match="neither an existing local path nor a hub name"):
+                check_model_ref(ref)
+        elif kind == "hub":
+            assert check_model_ref(ref) == ref
+    assert check_model_ref("org/name") == "org/name"  # the local folder (cwd-relative), read from disk
+    with pytest.raises(DataError, match="no config.json"):
+        check_model_ref(str(tmp_path))
+    with pytest.raises(ConfigError, match="^dataset: './x/y' is neither an existing file or folder"):
+        RunConfig(dataset="./x/y").validate()
+
+
+# ------------------------------------------------------------ one error base class
+def test_errors_share_one_base_and_old_import_paths():
+    import fedplora.federation.checkpoint as checkpoint
+    import fedplora.methods as methods
+    import fedplora.methods.base as methods_base
+    import fedplora.tasks as tasks
+    import fedplora.tasks.base as tasks_base
+
+    assert config_module.ConfigError is ConfigError
+    assert tasks.DataError is tasks_base.DataError is DataError
+    assert checkpoint.CheckpointError is CheckpointError
+    assert methods.UpdateRejected is methods_base.UpdateRejected is UpdateRejected
+    for cls in (ConfigError, DataError, CheckpointError, UpdateRejected):
+        assert issubclass(cls, FedploraError) and issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize("cls", [FedploraError, ConfigError, DataError, CheckpointError, UpdateRejected])
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_cli_prints_one_line_for_each_error_class(cls, command, monkeypatch, capsys):
+    import fedplora.cli as cli
+
+    def fail(args):
+        raise cls(f"{cls.__name__}: what is wrong; how to fix it")
+
+    monkeypatch.setattr(cli, f"cmd_{command}", fail)
+    assert main([command]) == 2
+    assert capsys.readouterr().err == f"fedplora: error: {cls.__name__}: what is wrong; how to fix it\n"
+
+
+def test_cli_keeps_the_traceback_of_a_bug(monkeypatch):
+    import fedplora.cli as cli
+
+    def bug(args):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "cmd_run", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["run"])
+
+
+def test_tasks_do_not_import_each_other_in_a_cycle():
+    import ast
+    from pathlib import Path
+
+    source = Path(config_module.__file__).parent / "tasks" / "models.py"
+    imported = {node.module for node in ast.walk(ast.parse(source.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert "base" not in imported  # tasks.base imports tasks.models, never the other way round

@@ -23,9 +23,9 @@ from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, Nat
                                        PathologicalPartitioner, Partitioner)
 
 from .. import rng
+from ..config import PARTITIONERS  # the names the partitioner setting accepts
 from .base import DataError
 
-PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 GROUP = "__fedplora_group"
 
 
@@ -95,8 +95,7 @@ def natural_partitions(dataset: Dataset, column: str, num_partitions: int) -> li
 def partition_for(task, train: Dataset, cfg) -> list[Dataset]:
     """The client's partitions for a run: every partitioner setting read from ``cfg``."""
     return partition(train, cfg.partitioner, cfg.num_clients, rng.small_seed("partition", cfg.seed), cfg.dirichlet_alpha, task.label_column,
-                     classes_per_partition=getattr(cfg, "pathological_classes", 2),
-                     partition_column=getattr(cfg, "partition_column", None))
+                     classes_per_partition=cfg.pathological_classes, partition_column=cfg.partition_column)
 
 
 def label_histogram(ds: Dataset, label_column: str | None = "label") -> dict[str, int]:
