@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 
@@ -71,3 +72,34 @@ def make_sst2_slice(folder: Path, rows: int = 40) -> Path:
         lines = (SST2 / name).read_text(encoding="utf-8").splitlines()[:rows + 1]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def flwr_run_user_path(run_config: dict, num_supernodes: int, work: Path) -> dict:
+    """`flwr run <project> --run-config F --federation-config "num-supernodes=N ..." --stream` in a fresh
+    FLWR_HOME (Flower writes its default config, whose `local` connection starts a managed local SuperLink),
+    on a free port; that SuperLink is stopped afterwards. Returns the run's summary.json."""
+    import os
+    import subprocess
+
+    import psutil
+
+    from fedplora.federation.processes import PROJECT_ROOT, flower_env, flwr_bin, free_port
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run-config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+    port = free_port()
+    env = dict(flower_env(work / "home"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    try:
+        proc = subprocess.run([flwr_bin("flwr"), "run", str(PROJECT_ROOT), "--stream", "--run-config",
+                               str(work / "run-config.toml"), "--federation-config",
+                               f"num-supernodes={num_supernodes} client-resources-num-cpus=1"],
+                              capture_output=True, text=True, env=env, cwd=work, timeout=600)
+    finally:
+        for p in psutil.process_iter(["cmdline"]):  # the managed SuperLink is detached: find it by its port
+            if "flower-superlink" in " ".join(p.info["cmdline"] or []) and str(port) in (p.info["cmdline"] or []):
+                for q in [*p.children(recursive=True), p]:
+                    q.kill()
+    out = Path(run_config["out"])
+    assert (out / "summary.json").is_file(), (proc.stdout + proc.stderr)[-3000:]
+    return json.loads((out / "summary.json").read_text())

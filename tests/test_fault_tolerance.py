@@ -8,6 +8,7 @@ processes: a SIGKILLed ``fedplora run``, the Simulation Engine, and a loopback d
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from assets import flwr_run_user_path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
@@ -243,27 +245,27 @@ def _small_cfg(assets, **kw):
 
 
 def _strategy(cfg, grid):
+    """The server's strategy on an in-process grid, with the method's initial state as an ArrayRecord."""
     from fedplora.adapters import get_plora_model, get_plora_state_dict
     from fedplora.federation.client_app import method_options, plora_config
-    from fedplora.federation.strategy import HeteroLoRAStrategy
+    from fedplora.federation.strategy import HeteroLoRAStrategy, state_to_arrays
     from fedplora.methods import make_method
     from fedplora.tasks import make_task
 
     model = get_plora_model(make_task(cfg).build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
-    strategy = HeteroLoRAStrategy(method, cfg, method.init_state(model),
-                                  dtypes={k: v.dtype for k, v in get_plora_state_dict(model).items()})
+    strategy = HeteroLoRAStrategy(method, cfg, dtypes={k: v.dtype for k, v in get_plora_state_dict(model).items()})
     strategy.discover(grid, timeout=60)
-    return strategy
+    return strategy, state_to_arrays(method.init_state(model))
 
 
 def _rounds(cfg, grid):
-    from fedplora.federation.progress import Progress
-    from fedplora.federation.server_app import train_round
+    """Flower's loop (``Strategy.start``) for ``cfg.rounds`` rounds: the final state and the round entries."""
+    from fedplora.federation.strategy import arrays_to_state
 
-    strategy = _strategy(cfg, grid)
-    entries = [train_round(grid, strategy, rnd, cfg, Progress(None)) for rnd in range(1, cfg.rounds + 1)]
-    return strategy.state, entries
+    strategy, arrays = _strategy(cfg, grid)
+    result = strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.round_timeout)
+    return arrays_to_state(result.arrays), strategy.history[1:]
 
 
 def _content(arrays, config, metrics):
@@ -330,6 +332,7 @@ HONEST, BROKEN = 3, 10  # clients 0..2 are honest; the next 10 send a broken rep
 def _fuzzer(rank, rounds_seen):
     def tamper(cid, msg, reply):
         if cid < HONEST:
+            assert not reply.has_error(), reply.error.reason
             # a forged second reply from an honest node, and one from a node nobody asked: both ignored
             forged = Message(_content({}, {}, {"num-examples": 10**9}), reply_to=msg)
             stranger = Message(RecordDict(), reply_to=msg)
@@ -375,20 +378,17 @@ def test_too_few_replies_skip_keeps_the_state_and_retry_redoes_the_round(tiny_as
 
     cfg = _small_cfg(tiny_assets, rounds=1, num_clients=3, clients_per_round=3, min_replies=3, local_steps=1)
     grid = InProcessGrid(3, flaky)
-    strategy = _strategy(cfg, grid)
-    before = {k: v.clone() for k, v in strategy.state.items()}
-    from fedplora.federation.progress import Progress
-    from fedplora.federation.server_app import train_round
+    from fedplora.federation.strategy import arrays_to_state
 
-    skipped = train_round(grid, strategy, 1, cfg, Progress(None))
+    before = arrays_to_state(_strategy(cfg, grid)[1])
+    state, (skipped,) = _rounds(cfg, grid)
     assert not skipped["aggregated"] and skipped["attempts"] == 1
     assert [c["cid"] for c in skipped["clients"]] == [0, 2]  # valid, but too few: not aggregated
     assert [(f["cid"], f["stage"]) for f in skipped["failures"]] == [(1, "train"), (None, "round")]
-    assert all(torch.equal(strategy.state[k], before[k]) for k in before)  # never half-updated
+    assert all(torch.equal(state[k], before[k]) for k in before)  # never half-updated
 
     retry = cfg.with_overrides(on_too_few_replies="retry", max_round_retries=1)
-    strategy = _strategy(retry, grid)
-    done = train_round(grid, strategy, 1, retry, Progress(None))
+    _, (done,) = _rounds(retry, grid)
     assert done["aggregated"] and done["attempts"] == 2 and [c["cid"] for c in done["clients"]] == [0, 1, 2]
     assert [(f["cid"], f["stage"], f["attempt"]) for f in done["failures"]] == [(1, "train", 0), (None, "round", 0)]
 
@@ -396,12 +396,15 @@ def test_too_few_replies_skip_keeps_the_state_and_retry_redoes_the_round(tiny_as
 # -------------------------------------------------------------------------------------- real processes
 
 def _strip(history):
-    return [{k: v for k, v in h.items() if k not in ("wall_s", "agg_s")} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("wall_s", "agg_s", "agg_noise")} for h in history]
 
 
 def _same_outputs(a: Path, b: Path):
+    """Metrics, clients, traffic and the adapter bit for bit; the float64 noise diagnostic to 1e-12 (its sum
+    over layers may round differently in the last bit between processes)."""
     sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
     assert sa["final"] == sb["final"] and _strip(sa["history"]) == _strip(sb["history"])
+    assert [h["agg_noise"] for h in sb["history"]] == pytest.approx([h["agg_noise"] for h in sa["history"]], rel=1e-12)
     ta, tb = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (a, b))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
@@ -412,7 +415,8 @@ def _fedplora_run(*args, log: Path):
 
 
 def _kill_group(proc):
-    """SIGKILL a process started with start_new_session and everything in its group; returns survivors."""
+    """SIGKILL a process started with start_new_session and everything in its group; returns the processes
+    of the run (its group and every descendant, also the detached ones Flower starts) still alive 30 s later."""
     members = []
     for p in psutil.process_iter():
         try:
@@ -421,14 +425,26 @@ def _kill_group(proc):
         except (ProcessLookupError, psutil.Error):
             pass
     try:
+        members += psutil.Process(proc.pid).children(recursive=True)  # flower-superexec runs in its own session
+    except psutil.Error:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
-    _, alive = psutil.wait_procs(members, timeout=15)
+    _, alive = psutil.wait_procs(members, timeout=30)
+    alive = [p for p in alive if _running(p)]  # a zombie has exited; only its reaping is left (PID 1's job)
     for p in alive:  # keep the machine clean even when the test fails
         p.kill()
     return alive
+
+
+def _running(p):
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.slow
@@ -443,21 +459,24 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tiny_assets,
         while "round 2/3: training" not in victim_log.read_text():
             assert victim.poll() is None and time.monotonic() < deadline, victim_log.read_text()[-2000:]
             time.sleep(0.05)
-        assert _kill_group(victim) == []  # Ray's processes share the group: none outlives the kill
+        assert _kill_group(victim) == []  # the group and every descendant (Ray, the SuperExec): none outlives it
         assert victim.returncode == -signal.SIGKILL
         record = json.loads(record_path(tmp_path / "run").read_text())
         assert record["round"] == 1 and not (tmp_path / "run" / "summary.json").exists()  # killed inside round 2
 
+        shutil.copytree(tmp_path / "run", tmp_path / "run-flwr")  # the same stopped run, resumed by `flwr run`
         resumed = subprocess.run([sys.executable, "-m", "fedplora.cli", "run", "--resume", str(tmp_path / "run")],
                                  capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resuming after round 1" in resumed.stderr
+        flwr_run_user_path({"out": str(tmp_path / "run-flwr"), "resume": True}, cfg.num_clients, tmp_path / "flwr")
         assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     finally:
         for proc in (victim, ref):
             if proc.poll() is None:
                 _kill_group(proc)
     _same_outputs(tmp_path / "ref", tmp_path / "run")
+    _same_outputs(tmp_path / "ref", tmp_path / "run-flwr")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from assets import flwr_run_user_path
 from fedplora.config import RunConfig
 from fedplora.federation.client_app import method_options, plora_config
 from fedplora.federation.heterogeneity import assign_budgets, round_budget
@@ -62,12 +63,18 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
 
     cfg = _cfg(tiny_assets, tmp_path / "a")
     first = run_simulation(cfg, tmp_path / "a")
-    second = run_simulation(cfg.with_overrides(out=str(tmp_path / "b")), tmp_path / "b")
+    # the same settings through Flower's own command, as a user types it: `flwr run .` on the default
+    # local simulation connection (a managed local SuperLink), with the federation's size given
+    (tmp_path / "run.toml").write_text(cfg.to_toml())
+    second = flwr_run_user_path({"config-file": str(tmp_path / "run.toml"), "out": str(tmp_path / "b")},
+                                cfg.num_clients, tmp_path / "flwr")
 
-    # same config + seed: identical metrics, clients and traffic
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "agg_s")} for r in h]
+    # one app, one seed: identical metrics, clients and traffic
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "agg_s", "agg_noise")} for r in h]
     assert first["final"] == second["final"]
     assert strip(first["history"]) == strip(second["history"])
+    noise = lambda s: [h["agg_noise"] for h in s["history"]]  # a float64 diagnostic: equal to the last bits
+    assert noise(second) == pytest.approx(noise(first), rel=1e-12)
 
     # budgets respected, bytes counted from what was sent
     state, budgets = _replay_with_method_core(cfg)

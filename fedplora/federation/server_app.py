@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .. import rng
 from ..adapters import get_plora_model, get_plora_state_dict
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
+from ..errors import FedploraError
 from ..methods import make_method
 from ..reports import plot_run, write_json
 from ..tasks import make_task
@@ -26,7 +28,7 @@ from ..tasks.partition import partition_for, partition_report
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, start_fresh
 from .client_app import method_options, plora_config
 from .progress import Progress
-from .strategy import HeteroLoRAStrategy
+from .strategy import HeteroLoRAStrategy, arrays_to_state, state_to_arrays
 
 log = logging.getLogger("fedplora")
 
@@ -38,28 +40,13 @@ def evaluation_set(task, test, cfg: RunConfig):
     return task.encode(test.select(sorted(int(i) for i in idx)))
 
 
-def train_round(grid: Grid, strategy: HeteroLoRAStrategy, rnd: int, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    """One round of training; with too few valid replies it is retried (``on_too_few_replies = "retry"``) or skipped.
-
-    Every attempt is all-or-nothing: the global state changes at most once, when one aggregates.
-    """
-    attempts = 1 + (cfg.max_round_retries if cfg.on_too_few_replies == "retry" else 0)
-    for attempt in range(attempts):
-        progress.status(f"round {rnd}/{cfg.rounds}: training" + (f" (retry {attempt})" if attempt else ""))
-        messages = strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid, attempt=attempt)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout) if messages else []
-        strategy.aggregate_train(rnd, replies)
-        if strategy.record.aggregated:
-            break
-    return strategy.record.entry()
-
-
 def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | None = None, *,
                    resume: bool = False) -> dict[str, Any]:
-    """The server loop. ``resume``: continue the run in ``out`` after its last checkpointed round."""
+    """The server side of a run. ``resume``: continue the run in ``out`` after its last checkpointed round."""
     t_start = time.perf_counter()
     progress = progress or Progress(None)
 
+    torch.manual_seed(rng.seed_int("init", cfg.seed))  # the initial pairs (and any new head) come from the seed
     task = make_task(cfg)
     train, test = task.load_splits()
     eval_data = evaluation_set(task, test, cfg)
@@ -78,39 +65,32 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         # the clients' partitions, as every client computes them: sizes and label histograms
         write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.partition_column))
     dtypes = {k: v.dtype for k, v in get_plora_state_dict(model).items()}
-    strategy = HeteroLoRAStrategy(method, cfg, state, dtypes=dtypes)
+    strategy = HeteroLoRAStrategy(method, cfg, dtypes=dtypes, progress=progress)
 
     progress.status("waiting for clients")
     strategy.discover(grid, timeout=cfg.connect_timeout)
 
-    def evaluate() -> dict[str, float]:
-        method.load_global(model, strategy.state)
-        return task.evaluate(model, eval_data)
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation on the fixed held-out sample, every ``eval_every`` rounds and after the last."""
+        if rnd % cfg.eval_every and rnd != cfg.rounds:
+            return None
+        method.load_global(model, arrays_to_state(arrays))
+        return MetricRecord(task.evaluate(model, eval_data))
 
-    def checkpoint(rnd: int) -> None:
+    def on_round(entry: dict[str, Any], arrays: ArrayRecord) -> None:
+        progress.round(entry, task.metric, cfg.rounds)
+        rnd = entry["round"]
         if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-            save_checkpoint(out, rnd, strategy.state, history, cfg, model_id,
+            save_checkpoint(out, rnd, arrays_to_state(arrays), strategy.history, cfg, model_id,
                             elapsed + time.perf_counter() - t_start)
 
     if history:
         progress.status(f"resuming after round {len(history) - 1} (checkpoint in {out})")
-    else:
-        history.append({"round": 0, "metrics": evaluate(), "bytes_up": 0, "bytes_down": 0, "init_noise": 0.0,
-                        "agg_noise": 0.0, "wall_s": 0.0, "clients": []})
-        progress.round(history[0], task.metric, cfg.rounds)
-        checkpoint(0)
-    for rnd in range(len(history), cfg.rounds + 1):  # history holds rounds 0..k
-        t0 = time.perf_counter()
-        entry = train_round(grid, strategy, rnd, cfg, progress)
-        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            progress.status(f"round {rnd}/{cfg.rounds}: evaluating")
-            entry["metrics"] = evaluate()
-        entry["wall_s"] = time.perf_counter() - t0
-        history.append(entry)
-        progress.round(entry, task.metric, cfg.rounds)
-        checkpoint(rnd)
+    result = strategy.start(grid, state_to_arrays(state), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                            evaluate_fn=evaluate, history=history, on_round=on_round)
+    history = strategy.history
 
-    method.export_adapter(model, strategy.state, out / "adapter", getattr(task, "model_path", None))
+    method.export_adapter(model, arrays_to_state(result.arrays), out / "adapter", getattr(task, "model_path", None))
     final = next(h["metrics"] for h in reversed(history) if h["metrics"])
     summary = {
         "method": cfg.method, "task": cfg.task, "model": model_id,
@@ -128,13 +108,29 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     return summary
 
 
-def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
-    """Settings under ``flwr run``: an optional ``config-file`` (TOML), then the other keys as overrides."""
-    values = dict(run_config)
-    path = values.pop("config-file", "")
+# the run-config keys of the app (pyproject.toml, [tool.flwr.app.config]); the settings themselves
+# come from ``config-file``, a TOML file of RunConfig settings (fedplora.config)
+RUN_KEYS = ("config-file", "out", "resume", "error-file")
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path, bool]:
+    """Settings under ``flwr run``: ``config-file`` (TOML) and ``out``; ``resume = true`` continues the run
+    in ``out`` with the settings it started with (its config.toml)."""
+    from .checkpoint import resume_config
+
+    values = {k: v for k, v in run_config.items() if k not in ("error-file",)}
+    resume = bool(values.pop("resume", False))
+    path, out = values.pop("config-file", ""), values.pop("out", "")
+    if values:
+        raise ConfigError(f"run config: unknown key(s) {sorted(values)}; settings go in the TOML file named by "
+                          f"config-file (keys: {', '.join(RUN_KEYS)})")
+    if resume:
+        if not out:
+            raise ConfigError("run config: resume = true needs out = '<folder of the stopped run>'")
+        return resume_config(Path(out)), Path(out), True
     base = RunConfig.from_toml(path) if path else RunConfig()
-    cfg = base.with_overrides(**{k.replace("-", "_"): v for k, v in values.items() if v != ""}).validate()
-    return cfg, Path(cfg.out or "runs/flwr-run")
+    cfg = base.with_overrides(out=out or None).validate()
+    return cfg, Path(cfg.out or "runs/flwr-run"), False
 
 
 app = ServerApp()
@@ -142,5 +138,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg, out = config_from_run_config(dict(context.run_config))
-    run_federation(grid, cfg, out, Progress.console())
+    """``error-file``: where a run's one-line error goes (``fedplora run`` reads it back and prints it)."""
+    error_file = str(context.run_config.get("error-file", ""))
+    try:
+        cfg, out, resume = config_from_run_config(dict(context.run_config))
+        run_federation(grid, cfg, out, Progress.console(), resume=resume)
+    except FedploraError as e:
+        if error_file:
+            Path(error_file).write_text(f"{type(e).__name__}: {e}")
+        raise

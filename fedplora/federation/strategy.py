@@ -1,24 +1,28 @@
 """A Flower strategy for heterogeneous-rank LoRA: one message per client, the method's own aggregation.
 
-Flower's FedAvg shares one RecordDict among all messages and rejects replies
-whose keys differ; here each client gets its own task (its pairs, its rank) and
-the reply is validated and aggregated by the method core. The strategy keeps the
-global state between rounds (``aggregate_train`` is not handed it by Flower).
+It keeps Flower's ``Strategy`` contract: ``start()`` owns the round loop (as in FedAvg, with a
+central ``evaluate_fn``), ``configure_train`` turns the global ``ArrayRecord`` into messages and
+``aggregate_train`` turns replies into the next one. What differs from FedAvg: each client gets
+its own task (its pairs, its rank) instead of one shared RecordDict, the budget of each sampled
+client is asked first, and every reply is checked before the method core aggregates it.
+Reading order: ``start`` -> ``configure_train`` -> ``aggregate_train`` -> ``collect`` ->
+``check_reply`` -> ``measure``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from .. import rng
 from ..config import RunConfig
@@ -26,6 +30,46 @@ from ..measure import aggregation_noise, init_noise, nbytes
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
 from .messages import read_update, task_content
+
+
+def state_to_arrays(state: State) -> ArrayRecord:
+    """The global state as Flower's ArrayRecord (exact: the bytes of each tensor, its dtype and shape)."""
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def arrays_to_state(arrays: ArrayRecord) -> State:
+    return dict(arrays.to_torch_state_dict())
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread inside the block (a resumed run must repeat the same float sums, bit for bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass
+class Accepted:
+    """A reply that passed every check: who sent it, for which task, and what it reported."""
+
+    cid: int
+    task: ClientTask
+    update: ClientUpdate
+    metrics: dict[str, Any]
+
+    @property
+    def loss(self) -> float | None:
+        return float(self.metrics["train_loss"]) if "train_loss" in self.metrics else None
+
+    def describe(self, global_rank: int) -> dict[str, Any]:
+        return {"cid": self.cid, "rank": int(self.task.config.get("rank", global_rank)),
+                "budget": int(self.metrics.get("budget", 0)), "trained_pairs": int(self.metrics.get("trained-pairs", 0)),
+                "num_samples": self.update.num_samples, "bytes_down": nbytes(self.task.arrays),
+                "bytes_up": nbytes(self.update.arrays), "train_loss": self.loss}
 
 
 @dataclasses.dataclass
@@ -57,13 +101,16 @@ class RoundRecord:
 
 
 class HeteroLoRAStrategy(Strategy):
-    """``dtypes``: the dtype each uploaded array must have (the model's trainables); None skips that check."""
+    """``dtypes``: the dtype each uploaded array must have (the model's trainables); None skips that check.
+    ``progress``: where the loop reports what it is doing (``Progress``), or None."""
 
-    def __init__(self, method: FederatedMethod, cfg: RunConfig, state: State,
-                 dtypes: dict[str, torch.dtype] | None = None) -> None:
+    def __init__(self, method: FederatedMethod, cfg: RunConfig, dtypes: dict[str, torch.dtype] | None = None,
+                 progress=None) -> None:
         self.method = method
         self.cfg = cfg
-        self.state = state
+        self.progress = progress
+        self.state: State = {}  # the global state of the round being configured (from ``arrays``)
+        self.history: list[dict[str, Any]] = []
         self.dtypes = dtypes or {}
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
@@ -135,30 +182,113 @@ class HeteroLoRAStrategy(Strategy):
                 self.record.fail(cid, "query", "no reply within the timeout")
         return [infos[c] for c in sorted(infos)]
 
+    # ------------------------------------------------------------ the round loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
+              history: list[dict[str, Any]] | None = None,
+              on_round: Callable[[dict[str, Any], ArrayRecord], None] | None = None) -> Result:
+        """Flower's loop, as in FedAvg: evaluate round 0, then configure -> send -> aggregate -> evaluate.
+
+        Two additions, both keyword-only: ``history`` continues a resumed run after its last round
+        (it holds rounds 0..k), and ``on_round(entry, arrays)`` sees every finished round (progress
+        and checkpoints). A round with too few valid replies is retried with a fresh sample
+        (``on_too_few_replies = "retry"``) or skipped; the global arrays change at most once a round.
+        """
+        train_config = train_config or ConfigRecord()
+        self.history = history = list(history or [])
+        result, arrays = Result(arrays=initial_arrays), initial_arrays
+        if not history:
+            metrics = evaluate_fn(0, arrays) if evaluate_fn else None
+            history.append({"round": 0, "metrics": dict(metrics or {}), "bytes_up": 0, "bytes_down": 0,
+                            "init_noise": 0.0, "agg_noise": 0.0, "wall_s": 0.0, "clients": []})
+            self._finish_round(result, history[-1], metrics, arrays, on_round)
+        attempts = 1 + (self.cfg.max_round_retries if self.cfg.on_too_few_replies == "retry" else 0)
+        for rnd in range(len(history), num_rounds + 1):
+            t0 = time.perf_counter()
+            for attempt in range(attempts):
+                self._status(f"round {rnd}/{num_rounds}: training" + (f" (retry {attempt})" if attempt else ""))
+                config = ConfigRecord({**dict(train_config), "attempt": attempt})
+                messages = list(self.configure_train(rnd, arrays, config, grid))
+                replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+                new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+                if new_arrays is not None:
+                    arrays = result.arrays = new_arrays
+                    result.train_metrics_clientapp[rnd] = train_metrics
+                    break
+            self._status(f"round {rnd}/{num_rounds}: evaluating")
+            metrics = evaluate_fn(rnd, arrays) if evaluate_fn else None
+            entry = {**self.record.entry(), "metrics": dict(metrics or {}), "wall_s": time.perf_counter() - t0}
+            history.append(entry)
+            self._finish_round(result, entry, metrics, arrays, on_round)
+        return result
+
+    @staticmethod
+    def _finish_round(result: Result, entry: dict[str, Any], metrics: MetricRecord | None, arrays: ArrayRecord,
+                      on_round: Callable[[dict[str, Any], ArrayRecord], None] | None) -> None:
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[entry["round"]] = metrics
+        if on_round is not None:
+            on_round(entry, arrays)
+
+    def _status(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.status(text)
+
     # ------------------------------------------------------------ Flower's strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid, attempt: int = 0) -> Iterable[Message]:
-        """One message per sampled client; a retry (``attempt`` > 0) adds to the round's record."""
+                        grid: Grid) -> Iterable[Message]:
+        """One message per sampled client, each with its own task; ``config["attempt"]`` > 0 is a retry."""
+        attempt = int(config.get("attempt", 0))
         if attempt == 0:
             self.record = RoundRecord(round=server_round)
         self.record.attempts, self.record.clients = attempt + 1, []
+        self.state = arrays_to_state(arrays)
         infos = self.client_infos(grid, server_round, self.sample(server_round, attempt))
         messages, self._pending = [], {}
         for info in infos:
             task = self.method.configure_client(self.state, info, server_round)
-            node = self.nodes[info.cid]
-            self._pending[node] = (info.cid, task)
+            self._pending[self.nodes[info.cid]] = (info.cid, task)
             content = task_content(task, self.setup, server_round)
             content["config"]["attempt"] = attempt
-            messages.append(Message(content=content, message_type="train", dst_node_id=node))
+            messages.append(Message(content=content, message_type="train", dst_node_id=self.nodes[info.cid]))
             self.record.bytes_down += nbytes(task.arrays)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rec = self.record
-        tasks, updates, accepted, losses = [], [], [], []
-        seen = set()
+        """Aggregate the valid replies; with fewer than ``min_replies`` nothing changes (None, None)."""
+        accepted = self.collect(replies)
+        if len(accepted) < self.cfg.min_replies:
+            self.record.fail(None, "round", f"only {len(accepted)} valid replies, min_replies={self.cfg.min_replies}: "
+                                            "nothing aggregated, global state unchanged")
+            return None, None
+        tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
+        with one_thread():  # reductions split across threads round differently under load: bit-reproducible
+            t0 = time.perf_counter()
+            new_state = self.method.aggregate(self.state, tasks, updates)
+            self.record.agg_s = time.perf_counter() - t0
+            self.measure(self.state, new_state, accepted)
+        self.record.aggregated = True
+        return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
+                                                        "bytes-down": self.record.bytes_down})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # the global model is evaluated centrally (evaluate_fn) on the server's held-out split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ replies: parse, check, measure
+    def collect(self, replies: Iterable[Message]) -> list[Accepted]:
+        """The valid replies of this attempt, in client-id order; every rejection is recorded with its reason.
+
+        Replies arrive in any order; client-id order makes float sums reproducible.
+        """
+        rec, accepted, seen = self.record, [], set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in self._pending or node in seen:
@@ -172,46 +302,32 @@ class HeteroLoRAStrategy(Strategy):
                 update, metrics = read_update(reply.content)
                 rec.bytes_up += nbytes(update.arrays)
                 self.check_reply(task, update)
-                loss = float(metrics["train_loss"]) if "train_loss" in metrics else None
-                client = {"cid": cid, "rank": int(task.config.get("rank", self.method.rank)),
-                          "budget": int(metrics.get("budget", 0)), "trained_pairs": int(metrics.get("trained-pairs", 0)),
-                          "num_samples": update.num_samples, "bytes_down": nbytes(task.arrays),
-                          "bytes_up": nbytes(update.arrays), "train_loss": loss}
             except UpdateRejected as e:
                 rec.fail(cid, "validate", str(e))
                 continue
             except Exception as e:  # whatever a broken reply makes the checks raise: rejected, never a crash
                 rec.fail(cid, "validate", f"malformed reply ({type(e).__name__}: {e})")
                 continue
-            tasks.append(task)
-            updates.append(update)
-            losses.append(loss)
-            accepted.append(client)
+            accepted.append(Accepted(cid, task, update, metrics))
         for node, (cid, _) in self._pending.items():
             if node not in seen:
                 rec.fail(cid, "train", "no reply within the timeout")
-        # replies arrive in any order; aggregate in client-id order so float sums are reproducible
-        order = sorted(range(len(accepted)), key=lambda k: accepted[k]["cid"])
-        tasks, updates = [tasks[k] for k in order], [updates[k] for k in order]
-        losses, accepted = [losses[k] for k in order], [accepted[k] for k in order]
+        accepted.sort(key=lambda a: a.cid)
         rec.failures.sort(key=lambda f: (f["attempt"], f["cid"] is None, f["cid"] or 0, f["stage"]))
-        rec.clients = accepted
-        if len(updates) < self.cfg.min_replies:
-            rec.fail(None, "round", f"only {len(updates)} valid replies, min_replies={self.cfg.min_replies}: "
-                                    "nothing aggregated, global state unchanged")
-            return None, None
-        t0 = time.perf_counter()
-        new_state = self.method.aggregate(self.state, tasks, updates)
-        rec.agg_s = time.perf_counter() - t0
+        rec.clients = [a.describe(self.method.rank) for a in accepted]
+        return accepted
+
+    def measure(self, old: State, new: State, accepted: list[Accepted]) -> None:
+        """The round's noise figures (docs/method.md) and the weighted train loss, into the round record."""
+        tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
         weights = self.method.client_weights(updates)
-        g_old = self.method.global_factors(self.state)
-        rec.init_noise = float(np.mean([init_noise(g_old, self.method.client_start_factors(t)) for t in tasks]))
-        rec.agg_noise = aggregation_noise(weights, [self.method.client_end_factors(t, u) for t, u in zip(tasks, updates)],
-                                          self.method.global_factors(new_state))
-        rec.train_loss = float(np.average([l for l in losses], weights=weights)) if None not in losses else None
-        rec.aggregated = True
-        self.state = new_state  # only now: a failed aggregation leaves the old state in place
-        return None, MetricRecord({"bytes-up": rec.bytes_up, "bytes-down": rec.bytes_down})
+        g_old = self.method.global_factors(old)
+        self.record.init_noise = float(np.mean([init_noise(g_old, self.method.client_start_factors(t)) for t in tasks]))
+        self.record.agg_noise = aggregation_noise(
+            weights, [self.method.client_end_factors(t, u) for t, u in zip(tasks, updates)],
+            self.method.global_factors(new))
+        losses = [a.loss for a in accepted]
+        self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
 
     def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
         """Every check before aggregation: the reply's own claims and dtypes here, then the method's validation.
@@ -239,13 +355,3 @@ class HeteroLoRAStrategy(Strategy):
             if key in self.dtypes and t.dtype != self.dtypes[key]:
                 raise UpdateRejected(f"{key}: expected dtype {self.dtypes[key]}, got {t.dtype}")
         self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # the global model is evaluated centrally on the server's held-out split
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
-
-    def summary(self) -> None:
-        pass
-
