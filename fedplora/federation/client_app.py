@@ -3,14 +3,20 @@
 ``query``: tell the server who this client is (its data partition id), how many
 examples it holds and its rank budget this round. ``train``: load the task the
 server sent, run the method's client side, train locally, reply with the update.
-Everything a client needs arrives in the message (``setup``), so the same app
-serves the Simulation Engine and real SuperNodes.
+The run's settings arrive in the message (``setup``), so the same app serves the
+Simulation Engine and real SuperNodes; on a SuperNode the settings that name its
+own files (``DEVICE_LOCAL_SETTINGS``) come from its node config instead
+(``device_settings``, docs/deployment.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +52,50 @@ def method_options(cfg: RunConfig) -> dict[str, Any]:
     return opts
 
 
+# The settings that name files on the device. On a SuperNode they come from its own node config (keys with
+# dashes: data-dir, dataset, cache-dir, model), never from the server; where the node config has none, the
+# task's embedded default. In simulation the run's values are used. docs/deployment.md.
+DEVICE_LOCAL_SETTINGS = ("data_dir", "dataset", "cache_dir", "model")
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})  # all the Simulation Engine puts in node_config
+
+
+def on_device(context: Context) -> bool:
+    """True under the Deployment Engine: this is a SuperNode's ``flwr-clientapp`` process, or its node config
+    declares more than the Simulation Engine's partition-id/num-partitions."""
+    return Path(sys.argv[0]).name == "flwr-clientapp" or bool(set(context.node_config) - SIMULATION_NODE_KEYS)
+
+
+def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
+    """The run's settings as this client applies them.
+
+    In simulation, ``cfg`` unchanged. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry is replaced by its
+    node config value (``None`` where it declares none: the task's embedded default), whatever the server sent.
+    The device refuses (``ValueError``; Flower returns it to the server as the reply's error reason) a run
+    whose task its node config ``tasks`` (e.g. ``tasks='sst2,tweets'``) does not list, or when its declared
+    model or data folder does not exist here.
+    """
+    if not on_device(context):
+        return cfg
+    node = context.node_config
+    local: dict[str, str | None] = {}
+    for name in DEVICE_LOCAL_SETTINGS:
+        value = node.get(name.replace("_", "-"))
+        local[name] = None if value is None or str(value) == "" else os.path.expanduser(str(value))
+    if "tasks" in node:
+        held = node["tasks"] if isinstance(node["tasks"], list) else str(node["tasks"]).split(",")
+        held = [str(t).strip() for t in held if str(t).strip()]
+        if cfg.task not in held:
+            raise ValueError(f"this device does not hold task {cfg.task!r} (node config tasks={','.join(held)!r}); "
+                             "it refuses the run")
+    if local["model"] is not None and not Path(local["model"]).exists():
+        raise ValueError(f"this device does not hold the model: node config model={local['model']!r} does not "
+                         "exist here; it refuses the run")
+    if local["data_dir"] is not None and not Path(local["data_dir"]).is_dir():
+        raise ValueError(f"this device does not hold the data: node config data-dir={local['data_dir']!r} is not "
+                         "a folder here; it refuses the run")
+    return dataclasses.replace(cfg, **local)
+
+
 class ClientRuntime:
     """The model and data partitions a client process keeps between messages."""
 
@@ -68,10 +118,19 @@ _runtimes: dict[str, ClientRuntime] = {}
 
 
 def runtime(cfg: RunConfig, context: Context) -> ClientRuntime:
+    """This client's model and data for the run ``cfg``, loaded once (from the device's own files on a SuperNode)."""
+    cfg = device_settings(cfg, context)
     key = json.dumps(cfg.to_dict(), sort_keys=True)  # a run's settings never change mid-run
     if key not in _runtimes:
         _runtimes.clear()  # one run at a time per process: free the previous model
-        _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)))
+        try:
+            _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)))
+        except Exception as e:
+            if not on_device(context):
+                raise
+            own = ", ".join(f"{k.replace('_', '-')}={getattr(cfg, k)!r}" for k in DEVICE_LOCAL_SETTINGS)
+            raise RuntimeError(f"this device cannot load task {cfg.task!r} from its own files ({own}; None = the "
+                               f"task's embedded default): {type(e).__name__}: {e}") from e
     return _runtimes[key]
 
 
