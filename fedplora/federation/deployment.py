@@ -1,138 +1,194 @@
-"""Flower's Deployment Engine on loopback: one SuperLink, N SuperNodes, ``flwr run`` of this app.
+"""Flower's Deployment Engine on loopback: one SuperLink, N SuperNodes, ``flwr run`` of this app, secured.
 
-Each SuperNode declares its own budget (``max-rank``) in its node config, as a
-real device would. Every process started here is stopped by its PID, also when
-the run fails. Across real machines, run the same three commands by hand
-(README, "Deployment").
+Secured as Flower documents it, with fresh credentials per run in ``<out>/deployment/``:
+
+* TLS: a CA and a server certificate for 127.0.0.1/localhost (``credentials.make_tls``); the
+  SuperLink serves its Fleet, Control and Runtime APIs over HTTPS with it, and every SuperNode and
+  the ``flwr`` CLI verify it against the CA (``--root-certificates``, ``root-certificates``).
+* SuperNode authentication (Flower's CLI-managed mode): the SuperLink runs with
+  ``--enable-supernode-auth``, each SuperNode's public key is registered through the Control API
+  (``flwr supernode register``) before it starts with ``--auth-supernode-private-key``; a
+  SuperNode whose key is not registered, or that has none, is refused when it connects.
+
+Each SuperNode declares its own budget (``max-rank``) and its own files (``data-dir``, ``model``,
+...: ``client_app.DEVICE_LOCAL_SETTINGS``) in its node config, as a real device would. Every
+process started here is stopped by its PID, also when the run fails. Across real machines, run the
+same commands by hand (README, "Deployment"; docs/deployment.md).
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ..config import RunConfig
+from .client_app import DEVICE_LOCAL_SETTINGS
+from .credentials import make_node_key, make_tls
+from .processes import PROJECT_ROOT, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pyproject.toml's [tool.flwr.app]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CONNECTION = "loopback"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}; see {log}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{what} did not open port {port} within {timeout:.0f}s; see {log}")
+def node_config(partition_id: int, num_partitions: int, max_rank: int, files: dict[str, str | None]) -> str:
+    """A SuperNode's ``--node-config``: its partition, its budget and its own files (``files``: setting -> path)."""
+    items = [f"partition-id={partition_id}", f"num-partitions={num_partitions}", f"max-rank={max_rank}"]
+    for name in DEVICE_LOCAL_SETTINGS:
+        value = files.get(name)
+        if value is None:
+            continue
+        if "'" in str(value) or "\n" in str(value):
+            raise ValueError(f"{name}: {value!r} cannot be passed in a node config (it holds a quote or a newline)")
+        items.append(f"{name.replace('_', '-')}='{value}'")  # a TOML literal string
+    return " ".join(items)
 
 
 class LoopbackDeployment:
-    """Start, track and stop the Flower processes of one loopback federation."""
+    """Start, track and stop the Flower processes of one secured loopback federation in ``workdir``.
+
+    ``start_superlink``, then ``add_supernode`` for each device, then ``flwr_run`` and ``wait_for``;
+    ``stop`` in a ``finally``.
+    """
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+        self.workdir = workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.env = dict(os.environ, FLWR_HOME=str(workdir / "flwr_home"), FLWR_DISABLE_UPDATE_CHECK="1",
-                        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
-                        HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+        self.port: int | None = None
+        self.env = flower_env(self.workdir / "flwr_home")
+        self.tls = make_tls(self.workdir / "certs")
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                start_new_session=True)
+        with open(self.log(name), "w") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                    start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append((name, proc))
         return proc
 
+    def start_superlink(self) -> int:
+        """The SuperLink with TLS and SuperNode authentication; writes the ``flwr`` connection; returns its port."""
+        self.port = port = free_port()
+        home = self.workdir / "flwr_home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = {json.dumps(str(self.tls["ca"]))}\n')
+        link = self.start("superlink", [
+            flwr_bin("flower-superlink"), "--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile",
+            str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth",
+            "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+            "--disable-runtime-dependency-installation"])
+        wait_for_port(port, link, 60, "flower-superlink", self.log("superlink"))
+        return port
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key through the Control API (``flwr supernode register``); its node id."""
+        res = subprocess.run([flwr_bin("flwr"), "supernode", "register", str(public_key), CONNECTION,
+                              "--format", "json"], capture_output=True, text=True, env=self.env, cwd=self.workdir,
+                             timeout=120)
+        try:
+            reply = json.loads(res.stdout[res.stdout.index("{"):])
+        except ValueError:
+            reply = {}
+        if res.returncode != 0 or not reply.get("success"):
+            raise RuntimeError(f"`flwr supernode register {public_key}` failed (code {res.returncode}): "
+                               f"{(res.stdout + res.stderr).strip()[-2000:]}")
+        return int(reply["node-id"])
+
+    def add_supernode(self, name: str, config: str, *, key: bool = True, register: bool = True,
+                      wait: bool = True) -> subprocess.Popen:
+        """A SuperNode with ``--node-config config``, trusting the CA. ``key``: it gets its own key pair
+        (``keys/<name>``), registered first unless ``register`` is False; ``key=False``: it has none."""
+        args = [flwr_bin("flower-supernode"), "--root-certificates", str(self.tls["ca"]),
+                "--superlink", f"127.0.0.1:{self.port}"]
+        if key:
+            private, public = make_node_key(self.workdir / "keys" / name)
+            if register:
+                self.register(public)
+            args += ["--auth-supernode-private-key", str(private)]
+        node_port = free_port()  # the SuperNode's own Runtime API for its ClientApp processes (127.0.0.1 only)
+        node = self.start(name, [*args, "--port", str(node_port), "--node-config", config])
+        if wait:
+            wait_for_port(node_port, node, 60, f"flower-supernode {name}", self.log(name))
+        return node
+
+    def flwr_run(self, config_file: Path, out: Path) -> subprocess.Popen:
+        return self.start("flwr-run", [flwr_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+                                       "--run-config", f"config-file='{config_file}' out='{out}' "
+                                       f"error-file='{self.workdir / 'error.txt'}'"])
+
+    def wait_for(self, run: subprocess.Popen, out: Path, timeout: float, grace: float = 10.0) -> Path:
+        """Wait until the ServerApp wrote ``out/summary.json`` (its last output).
+
+        ``flwr run --stream`` returns when the run has ended, also when the ServerApp failed (code 0 then too):
+        no summary ``grace`` seconds after it returned means the run failed; the error names the ServerApp's
+        last exception (e.g. a device's refusal) from its log.
+        """
+        deadline = time.monotonic() + timeout
+        summary = out / "summary.json"
+        ended: float | None = None
+        while not summary.exists():
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"the deployment run did not finish within {timeout:.0f}s; logs in {self.workdir}")
+            if run.poll() is not None:
+                ended = ended or now
+                if run.returncode != 0 or now - ended > grace:
+                    raise RuntimeError(f"`flwr run` ended (code {run.returncode}) without the run's outputs: "
+                                       f"{self.last_error('flwr-run')}; logs in {self.workdir}")
+            time.sleep(0.5)
+        return out
+
+    def last_error(self, name: str) -> str:
+        """The ServerApp's one-line error (``error-file``), else the last exception line in a process's log."""
+        if name == "flwr-run" and (self.workdir / "error.txt").is_file():
+            return (self.workdir / "error.txt").read_text().strip()
+        lines = self.log(name).read_text(errors="replace").splitlines() if self.log(name).exists() else []
+        errors = [l.strip() for l in lines if l and not l[0].isspace() and ("Error: " in l or "Exception: " in l)]
+        return errors[-1] if errors else "no error in its log"
+
     def stop(self) -> None:
         """Stop every process we started and all their descendants (flwr-serverapp, flwr-clientapp), by PID."""
-        import psutil
-
-        procs = []
-        for _, p in self.procs:
-            try:
-                parent = psutil.Process(p.pid)
-                procs += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in reversed(procs):
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        for _, p in self.procs:
-            p.wait()
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for _, p in self.procs]
+        stop_tree([p for _, p in self.procs])
 
 
-def run_loopback(cfg: RunConfig, out: Path, max_ranks: list[int], timeout: float = 1800.0) -> Path:
-    """Run ``cfg`` on a SuperLink + one SuperNode per entry of ``max_ranks``; returns the run's folder."""
+def prepare(cfg: RunConfig, out: Path, n: int) -> tuple[RunConfig, Path]:
+    """The run's settings for ``n`` SuperNodes, written to ``out/deployment/run.toml``; returns them and the file."""
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise FileNotFoundError(f"the Flower app's pyproject.toml is not at {PROJECT_ROOT}")
-    n = len(max_ranks)
     if cfg.num_clients != n:
         cfg = cfg.with_overrides(num_clients=n, clients_per_round=min(cfg.clients_per_round, n),
                                  min_replies=min(cfg.min_replies, n))
-    out = out.resolve()
-    work = out / "deployment"
-    (work / "flwr_home").mkdir(parents=True, exist_ok=True)
     cfg = cfg.with_overrides(out=str(out)).validate()
-    (work / "run.toml").write_text(cfg.to_toml())
-    port = free_port()
-    (work / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    # the Flower processes run in out/deployment: local paths become absolute (hub names stay as they are)
+    cfg = cfg.with_overrides(**{k: str(Path(v).expanduser().resolve()) for k in DEVICE_LOCAL_SETTINGS
+                                if (v := getattr(cfg, k)) is not None and Path(v).expanduser().exists()})
+    (out / "deployment").mkdir(parents=True, exist_ok=True)
+    path = out / "deployment" / "run.toml"
+    path.write_text(cfg.to_toml())
+    return cfg, path
 
-    dep = LoopbackDeployment(work)
+
+def run_loopback(cfg: RunConfig, out: Path, max_ranks: list[int], timeout: float = 1800.0,
+                 device_files: dict[str, str | None] | None = None) -> Path:
+    """Run ``cfg`` on a SuperLink + one SuperNode per entry of ``max_ranks``; returns the run's folder.
+
+    ``device_files``: what every SuperNode declares for ``DEVICE_LOCAL_SETTINGS`` (its data folder, model, ...)
+    in its node config; default: the run's own values (on loopback, the devices share this machine's disk).
+    """
+    out = out.resolve()
+    n = len(max_ranks)
+    cfg, config_file = prepare(cfg, out, n)
+    files = device_files if device_files is not None else {k: getattr(cfg, k) for k in DEVICE_LOCAL_SETTINGS}
+    dep = LoopbackDeployment(out / "deployment")
     try:
-        link = dep.start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                                       str(port), "--database", ":flwr-in-memory:",
-                                       "--disable-runtime-dependency-installation"])
-        _wait_for_port(port, link, 60, "flower-superlink", work / "superlink.log")
+        dep.start_superlink()
         for i, r in enumerate(max_ranks):
-            node_port = free_port()
-            node = dep.start(f"supernode-{i}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(node_port),
-                "--node-config", f"partition-id={i} num-partitions={n} max-rank={r}"])
-            _wait_for_port(node_port, node, 60, f"flower-supernode {i}", work / f"supernode-{i}.log")
-        run = dep.start("flwr-run", [_bin("flwr"), "run", str(PROJECT_ROOT), "loopback", "--stream",
-                                     "--run-config", f"config-file='{work / 'run.toml'}' out='{out}'"])
-        deadline = time.monotonic() + timeout
-        summary = out / "summary.json"
-        while not summary.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the deployment run did not finish within {timeout:.0f}s; logs in {work}")
-            if run.poll() is not None and not summary.exists():
-                time.sleep(1)  # flwr run may return while the ServerApp is finishing its outputs
-                if not summary.exists() and run.returncode != 0:
-                    raise RuntimeError(f"`flwr run` exited with code {run.returncode}; logs in {work}")
-            time.sleep(0.5)
-        return out
+            dep.add_supernode(f"supernode-{i}", node_config(i, n, r, files))
+        return dep.wait_for(dep.flwr_run(config_file, out), out, timeout)
     finally:
         dep.stop()
