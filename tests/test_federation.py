@@ -1,4 +1,4 @@
-"""End-to-end: the real Flower Simulation Engine and Deployment Engine on a tiny model and real tweets."""
+"""End-to-end: the real Flower Simulation Engine on a tiny model and real tweets (deployment: test_deployment.py)."""
 
 import json
 
@@ -114,23 +114,3 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
         assert k in saved
     assert (tmp_path / "a" / "metrics.png").stat().st_size > 1000
     assert RunConfig.from_toml(tmp_path / "a" / "config.toml") == cfg
-
-
-def _flower_processes():
-    import subprocess
-
-    out = subprocess.run(["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if "flower-superlink" in l or "flower-supernode" in l or "flwr-" in l]
-
-
-def test_loopback_deployment_with_declared_budgets(tiny_assets, tmp_path):
-    from fedplora.federation.deployment import run_loopback
-
-    before = _flower_processes()
-    cfg = _cfg(tiny_assets, tmp_path, num_clients=3, clients_per_round=3, rounds=1, budget_fluctuation=0.0)
-    out = run_loopback(cfg, tmp_path / "dep", max_ranks=[1, 2, 4], timeout=600)
-    summary = json.loads((out / "summary.json").read_text())
-    clients = summary["history"][1]["clients"]
-    assert sorted((c["cid"], c["budget"], c["trained_pairs"]) for c in clients) == [(0, 1, 1), (1, 2, 2), (2, 4, 4)]
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert _flower_processes() == before  # every process it started is gone
