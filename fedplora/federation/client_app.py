@@ -56,7 +56,9 @@ def method_options(cfg: RunConfig) -> dict[str, Any]:
 # dashes: data-dir, dataset, cache-dir, model), never from the server; where the node config has none, the
 # task's embedded default. In simulation the run's values are used. docs/deployment.md.
 DEVICE_LOCAL_SETTINGS = ("data_dir", "dataset", "cache_dir", "model")
-SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})  # all the Simulation Engine puts in node_config
+# what the Simulation Engine puts in node_config, plus "cpus" (threads per client, which a simulated client
+# may be given too); anything else is a device's own declaration
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions", "cpus"})
 
 
 def on_device(context: Context) -> bool:

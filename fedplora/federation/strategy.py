@@ -60,6 +60,7 @@ class Accepted:
     task: ClientTask
     update: ClientUpdate
     metrics: dict[str, Any]
+    client: dict[str, Any] | None = None  # its line in the round's history (``describe``)
 
     @property
     def loss(self) -> float | None:
@@ -302,19 +303,22 @@ class HeteroLoRAStrategy(Strategy):
                 update, metrics = read_update(reply.content)
                 rec.bytes_up += nbytes(update.arrays)
                 self.check_reply(task, update)
+                accepted.append(Accepted(cid, task, update, metrics))
+                accepted[-1].client = accepted[-1].describe(self.method.rank)  # a bad metric rejects it here
             except UpdateRejected as e:
                 rec.fail(cid, "validate", str(e))
                 continue
             except Exception as e:  # whatever a broken reply makes the checks raise: rejected, never a crash
+                if accepted and accepted[-1].cid == cid and accepted[-1].client is None:
+                    accepted.pop()
                 rec.fail(cid, "validate", f"malformed reply ({type(e).__name__}: {e})")
                 continue
-            accepted.append(Accepted(cid, task, update, metrics))
         for node, (cid, _) in self._pending.items():
             if node not in seen:
                 rec.fail(cid, "train", "no reply within the timeout")
         accepted.sort(key=lambda a: a.cid)
         rec.failures.sort(key=lambda f: (f["attempt"], f["cid"] is None, f["cid"] or 0, f["stage"]))
-        rec.clients = [a.describe(self.method.rank) for a in accepted]
+        rec.clients = [a.client for a in accepted]
         return accepted
 
     def measure(self, old: State, new: State, accepted: list[Accepted]) -> None:
