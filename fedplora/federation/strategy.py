@@ -303,16 +303,15 @@ class HeteroLoRAStrategy(Strategy):
                 update, metrics = read_update(reply.content)
                 rec.bytes_up += nbytes(update.arrays)
                 self.check_reply(task, update)
-                accepted.append(Accepted(cid, task, update, metrics))
-                accepted[-1].client = accepted[-1].describe(self.method.rank)  # a bad metric rejects it here
+                reply_ok = Accepted(cid, task, update, metrics)
+                reply_ok.client = reply_ok.describe(self.method.rank)  # a metric that can't be read rejects it here
             except UpdateRejected as e:
                 rec.fail(cid, "validate", str(e))
                 continue
             except Exception as e:  # whatever a broken reply makes the checks raise: rejected, never a crash
-                if accepted and accepted[-1].cid == cid and accepted[-1].client is None:
-                    accepted.pop()
                 rec.fail(cid, "validate", f"malformed reply ({type(e).__name__}: {e})")
                 continue
+            accepted.append(reply_ok)
         for node, (cid, _) in self._pending.items():
             if node not in seen:
                 rec.fail(cid, "train", "no reply within the timeout")
