@@ -88,6 +88,14 @@ def _folder(path: str) -> str | None:
     return None if Path(path).is_dir() else f"no such folder {path}"
 
 
+def _device(name: str) -> str | None:
+    import re
+
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        return None
+    return f"must be auto, cpu, cuda, cuda:N or mps, got {name!r} (--device)"
+
+
 def _column(name: str) -> str | None:
     return None if name.strip() else f"must be a column name, got {name!r}"
 
@@ -160,6 +168,20 @@ class RunConfig:
     min_replies: int = setting(1, "valid replies a round needs to aggregate", ge=1)
     max_update_norm: float | None = setting(None, "reject a client update whose L2 norm exceeds this", gt=0)
     client_cpus: float = setting(1.0, "CPU cores per simulated client", gt=0)
+    # hardware (docs/memory.md): where and in what precision the frozen base runs
+    device: str = setting("auto", "where clients train and the server evaluates: auto (cuda, then mps, then cpu), "
+                                  "cpu, cuda, cuda:N or mps", check=_device)
+    client_gpus: float | None = setting(None, "simulation: share of a GPU per virtual client, 0.25 = four clients "
+                                              "per GPU (default: 0 when the device is the CPU, else 1/clients_per_round)",
+                                        ge=0, le=1)
+    dtype: str = setting("float32", "dtype of the frozen base (adapters keep float32 masters)",
+                         choices=("float32", "bfloat16", "float16"))
+    quantization: str = setting("none", "quantize the frozen base with bitsandbytes (QLoRA-style NF4 for 4bit)",
+                                choices=("none", "8bit", "4bit"))
+    fold: str = setting("branch", "how unselected pairs are folded: a frozen low-rank branch (no extra memory) "
+                                  "or merged into the base weight", choices=("branch", "merge"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, "
+                                                  "about a third more compute)")
     out: str | None = setting(None, "output folder (default runs/<method>-<task>-<time>)")
     # fault tolerance (docs/fault-tolerance.md)
     connect_timeout: float = setting(900.0, "seconds for all clients to connect and answer the first query "
@@ -238,6 +260,9 @@ class RunConfig:
         need(len(self.rank_shares) == len(self.ranks),
              f"rank_shares: needs one share per rank group ({len(self.ranks)}), got {self.rank_shares!r}")
         need(sum(self.rank_shares) > 0, f"rank_shares: must not be all 0, got {self.rank_shares!r}")
+        need(self.quantization == "none" or self.fold == "branch",
+             f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "
+             "use --fold branch with --quantization")
 
 
 # ------------------------------------------------------------------ derived from the declarations

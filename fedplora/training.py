@@ -34,7 +34,7 @@ def train_local(model, task, dataset, *, steps: int, batch_size: int, lr: float,
     losses, t0 = [], time.perf_counter()
     for _ in range(steps):
         idx = draw.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
-        batch = task.collate([dataset[int(i)] for i in idx])
+        batch = task.on_model(task.collate([dataset[int(i)] for i in idx]), model)
         loss = task.loss(model, batch)
         loss.backward()
         opt.step()

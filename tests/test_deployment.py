@@ -4,14 +4,17 @@ The fast tests call the ClientApp's setup logic with a fake Context; the slow on
 Flower processes (a SuperLink, SuperNodes, ``flwr run``) over TLS with SuperNode authentication.
 """
 
+import dataclasses
 import json
 import subprocess
 import time
 
 import pytest
+
 from flwr.app import Context, RecordDict
 
 from fedplora.config import RunConfig
+from fedplora.errors import ConfigError
 from fedplora.federation.client_app import DEVICE_LOCAL_SETTINGS, device_settings, on_device, runtime
 
 
@@ -47,10 +50,25 @@ def test_supernode_ignores_the_servers_paths(tmp_path):
 
 
 def test_simulation_uses_the_runs_settings():
-    server = RunConfig(task="tweets", data_dir="/srv/data", model="/srv/model", cache_dir="/srv/cache")
+    server = RunConfig(task="tweets", data_dir="/srv/data", model="/srv/model", cache_dir="/srv/cache",
+                       device="cuda", client_gpus=0.25)
     ctx = _context(**{"partition-id": 2, "num-partitions": 10})  # all the Simulation Engine puts there
     assert not on_device(ctx)
     assert device_settings(server, ctx) is server
+    # a simulated client that Ray gave no GPU share trains on the CPU, whatever the server's device
+    no_share = dataclasses.replace(server, client_gpus=0.0)
+    assert device_settings(no_share, ctx) == dataclasses.replace(no_share, device="cpu")
+
+
+def test_device_declares_its_own_accelerator_and_base(tmp_path):
+    ctx = _context(**{"partition-id": 0, "num-partitions": 2, "max-rank": 4, "device": "cpu", "dtype": "bfloat16",
+                      "quantization": "4bit", "gradient-checkpointing": "true"})
+    local = device_settings(RunConfig(task="tweets", device="cuda", dtype="float32"), ctx)
+    assert (local.device, local.dtype, local.quantization, local.gradient_checkpointing) == \
+        ("cpu", "bfloat16", "4bit", True)
+    with pytest.raises(ConfigError, match="quantization: must be 'none', '8bit' or '4bit'"):
+        device_settings(RunConfig(task="tweets"), _context(**{"partition-id": 0, "num-partitions": 2,
+                                                               "max-rank": 4, "quantization": "2bit"}))
 
 
 def test_device_refuses_a_task_or_model_it_does_not_hold(tmp_path):

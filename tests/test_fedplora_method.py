@@ -110,7 +110,7 @@ def test_aggregation_matches_hand_computed_example():
 
 def _one_update(ids):
     cfg = PLoRAConfig(rank=4, alpha=8)
-    state = get_plora_state_dict(get_plora_model(tiny_bert(), cfg))
+    state = get_plora_state_dict(get_plora_model(tiny_bert(dtype=torch.float64), cfg))  # as the clients of _round
     method = FedPLoRA(cfg)
     tasks, updates = _round(method, state, [ClientInfo(cid=0, budget=2, num_samples=5)], ids)
     return method, state, tasks[0], updates[0]
@@ -125,7 +125,9 @@ def _one_update(ids):
     (lambda u: setattr(u, "num_samples", -3), "num_samples"),
     (lambda u: setattr(u, "num_samples", 0), "num_samples"),
     (lambda u: u.config.__setitem__("indices", {k: [0, 0] for k in u.config["indices"]}), "indices"),
-    (lambda u: u.arrays.__setitem__(next(iter(u.arrays)), next(iter(u.arrays.values())).long()), "floating"),
+    (lambda u: u.arrays.__setitem__(next(iter(u.arrays)), next(iter(u.arrays.values())).long()), "float64 values"),
+    (lambda u: u.arrays.__setitem__(next(iter(u.arrays)), next(iter(u.arrays.values())).float()),
+     r"expected float64 values \(the declared upload dtype\), got float32"),
 ])
 def test_bad_updates_are_rejected_with_a_reason(ids, breakage, message):
     method, state, task, update = _one_update(ids)

@@ -19,6 +19,13 @@ class PLoRAConfig:
 
     ``modules_to_save``: other modules trained fully and averaged FedAvg-style
     (a classification head). ``None`` picks the head of a ``*ForSequenceClassification``.
+    They are kept in float32 whatever the base's dtype.
+
+    ``fold``: how the unselected pairs are folded (``layer.py``). ``"branch"`` (the default,
+    chosen by the memory benchmark, docs/memory.md) keeps them a frozen low-rank branch: no
+    extra memory, any base dtype, quantized bases included. ``"merge"`` adds them into the
+    base weight, rebuilt from a pristine copy kept on the CPU: one extra d_out x d_in per
+    adapted layer, float bases only. Both compute the same model to float tolerance.
     """
 
     rank: int = 8
@@ -27,6 +34,7 @@ class PLoRAConfig:
     dropout: float = 0.0
     modules_to_save: list[str] | None = None
     init_a: str = "kaiming_uniform"  # round-0 init of a_j; b_j always starts at 0
+    fold: str = "branch"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -39,6 +47,8 @@ class PLoRAConfig:
             raise ValueError(
                 f"PLoRAConfig.init_a must be 'kaiming_uniform' or 'gaussian', got {self.init_a!r}"
             )
+        if self.fold not in ("branch", "merge"):
+            raise ValueError(f"PLoRAConfig.fold must be 'branch' or 'merge', got {self.fold!r}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
 

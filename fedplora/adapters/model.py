@@ -66,7 +66,8 @@ def get_plora_model(model: nn.Module, config: PLoRAConfig) -> nn.Module:
             continue  # a container whose name matches (e.g. "attention"), not a linear layer
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PLoRALayer(module, config.rank, config.alpha, config.dropout, config.init_a))
+        setattr(parent, child, PLoRALayer(module, config.rank, config.alpha, config.dropout, config.init_a,
+                                          config.fold))
         wrapped.append(name)
     if not wrapped:
         raise ValueError(
@@ -74,12 +75,30 @@ def get_plora_model(model: nn.Module, config: PLoRAConfig) -> nn.Module:
             f"model include {sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}"
         )
     for h in heads:
-        for p in model.get_submodule(h).parameters():
-            p.requires_grad_(True)
+        _float32_head(model.get_submodule(h))
     model.plora_config = config
     model.plora_targets = wrapped
     model.plora_heads = heads
     return model
+
+
+def _float32_head(head: nn.Module) -> None:
+    """Train a head as float32 masters on a half-precision base: inputs are cast up, outputs back down."""
+    for p in head.parameters():
+        p.requires_grad_(True)
+    if not any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+        return
+    head.float()
+
+    def cast_in(module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def cast_out(module, args, out):
+        dt = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+        return out.to(dt) if dt is not None and torch.is_tensor(out) and out.is_floating_point() else out
+
+    head.register_forward_pre_hook(cast_in)
+    head.register_forward_hook(cast_out)
 
 
 def plora_layers(model: nn.Module) -> Iterator[tuple[str, PLoRALayer]]:
@@ -103,15 +122,19 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def get_plora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All R pairs of every adapted layer plus the head parameters (detached copies)."""
+    """All R pairs of every adapted layer plus the head parameters: copies of the float32 masters (float64 on a
+    float64 base) on the CPU, wherever the model lives: the server's global state and every upload."""
     _require_plora(model)
     state: dict[str, torch.Tensor] = {}
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
+
     for name, layer in plora_layers(model):
         A, B = layer.pairs()
-        state[name + A_SUFFIX] = A.detach().clone()
-        state[name + B_SUFFIX] = B.detach().clone()
+        state[name + A_SUFFIX], state[name + B_SUFFIX] = copy(A), copy(B)
     for name, p in head_parameters(model).items():
-        state[name] = p.detach().clone()
+        state[name] = copy(p)
     return state
 
 

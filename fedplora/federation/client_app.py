@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from .. import rng
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
+from ..hardware import enable_gradient_checkpointing
 from ..methods import make_method
 from ..tasks import make_task
 from ..tasks.partition import partition_for
@@ -38,7 +39,8 @@ app = ClientApp()
 
 
 def plora_config(cfg: RunConfig) -> PLoRAConfig:
-    return PLoRAConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.targets, dropout=cfg.lora_dropout)
+    return PLoRAConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.targets, dropout=cfg.lora_dropout,
+                       fold=cfg.fold)
 
 
 def method_options(cfg: RunConfig) -> dict[str, Any]:
@@ -70,13 +72,18 @@ def on_device(context: Context) -> bool:
 def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
     """The run's settings as this client applies them.
 
-    In simulation, ``cfg`` unchanged. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry is replaced by its
-    node config value (``None`` where it declares none: the task's embedded default), whatever the server sent.
+    In simulation, ``cfg`` unchanged, except that a client given no GPU share (``client_gpus`` 0) trains on the
+    CPU. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry is replaced by its node config value (``None``
+    where it declares none: the task's embedded default), whatever the server sent; ``device``, ``dtype``,
+    ``quantization`` and ``gradient-checkpointing`` in its node config override the run's (the adapters it
+    uploads are float32 whatever its base is).
     The device refuses (``ValueError``; Flower returns it to the server as the reply's error reason) a run
     whose task its node config ``tasks`` (e.g. ``tasks='sst2,tweets'``) does not list, or when its declared
     model or data folder does not exist here.
     """
     if not on_device(context):
+        if not cfg.client_gpus and cfg.device != "cpu":  # a simulated client given no GPU share trains on the CPU
+            return dataclasses.replace(cfg, device="cpu")
         return cfg
     node = context.node_config
     local: dict[str, str | None] = {}
@@ -95,7 +102,13 @@ def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
     if local["data_dir"] is not None and not Path(local["data_dir"]).is_dir():
         raise ValueError(f"this device does not hold the data: node config data-dir={local['data_dir']!r} is not "
                          "a folder here; it refuses the run")
-    return dataclasses.replace(cfg, **local)
+    # the device's own accelerator and base precision, where its node config declares them
+    for name in ("device", "dtype", "quantization"):
+        if node.get(name) not in (None, ""):
+            local[name] = str(node[name])
+    ckpt = node.get("gradient-checkpointing", cfg.gradient_checkpointing)
+    local["gradient_checkpointing"] = ckpt if isinstance(ckpt, bool) else str(ckpt).lower() in ("1", "true", "yes")
+    return RunConfig.from_dict({**cfg.to_dict(), **local}).validate()
 
 
 class ClientRuntime:
@@ -109,6 +122,8 @@ class ClientRuntime:
         self.parts = partition_for(self.task, train, cfg)
         self.encoded: dict[int, Any] = {}
         self.model = get_plora_model(self.task.build_model(), plora_config(cfg))
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
 
     def data(self, cid: int):
         if cid not in self.encoded:

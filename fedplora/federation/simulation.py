@@ -52,7 +52,28 @@ def federation_config(cfg: RunConfig) -> str:
     Flower 1.42 takes whole CPUs per client here, so ``client_cpus`` is rounded up.
     """
     return (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={math.ceil(cfg.client_cpus)} "
-            f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 2} init-args-log-to-driver=false")
+            f"client-resources-num-gpus={float(cfg.client_gpus or 0.0)} init-args-num-cpus={os.cpu_count() or 2} "
+            "init-args-log-to-driver=false")
+
+
+def with_gpu_share(cfg: RunConfig) -> RunConfig:
+    """``client_gpus`` made explicit for the run, so every process reads the same share.
+
+    Unset: 0 when ``device`` resolves to the CPU, else 1/clients_per_round (a round's clients share one GPU).
+    A share on a machine without CUDA is refused: Ray would wait forever for a GPU to schedule clients on.
+    """
+    import torch
+
+    from ..hardware import resolve_device
+
+    device = resolve_device(cfg.device)
+    share = cfg.client_gpus
+    if share is None:
+        share = 0.0 if device.type != "cuda" else 1.0 / cfg.clients_per_round
+    if share > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"client_gpus: {share:g} of a GPU per client asked for, but this machine has no CUDA GPU; "
+                          "use --client-gpus 0")
+    return cfg.with_overrides(client_gpus=share)
 
 
 def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, *,
@@ -65,6 +86,7 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, 
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise ConfigError(f"fedplora run needs the project's pyproject.toml (the Flower app) at {PROJECT_ROOT}; "
                           "install fedplora from its source folder (pip install -e .)")
+    cfg = with_gpu_share(cfg)
     out = Path(out).expanduser().resolve()
     echo = progress is not None and progress.console is not None
     with tempfile.TemporaryDirectory(prefix="fedplora-run-") as tmp:

@@ -26,6 +26,14 @@ from ..errors import UpdateRejected
 from ..measure import LayerFactors
 
 State = dict[str, torch.Tensor]
+# What every upload carries, whatever the client's base dtype or quantization: the adapters' float32 masters.
+# (A run whose global state is float64, as in the exactness tests, declares float64 instead.)
+UPLOAD_DTYPE = torch.float32
+
+
+def upload_dtype(state: "State") -> torch.dtype:
+    """The run's declared upload dtype: that of its global state (float32, or float64 in exactness tests)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in state.values()) else UPLOAD_DTYPE
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,10 @@ class FederatedMethod(ABC):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise UpdateRejected(f"{key}: expected shape {tuple(shape)}, got {got}")
-            if not t.is_floating_point():
-                raise UpdateRejected(f"{key}: expected a floating-point array, got {t.dtype}")
+            declared = state[key].dtype if key in state else upload_dtype(state)
+            if t.dtype != declared:
+                raise UpdateRejected(f"{key}: expected {str(declared).removeprefix('torch.')} values (the declared "
+                                     f"upload dtype), got {str(t.dtype).removeprefix('torch.')}")
             if not bool(torch.isfinite(t).all()):
                 raise UpdateRejected(f"{key}: contains NaN or Inf")
         if max_norm is not None:

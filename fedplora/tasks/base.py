@@ -54,7 +54,16 @@ class Task(ABC):
 
     @abstractmethod
     def build_model(self) -> nn.Module:
-        """The plain transformers model (PLoRA is added by the caller); seeded head init."""
+        """The plain transformers model (PLoRA is added by the caller); seeded head init; in the run's
+        ``dtype`` / ``quantization`` on its ``device`` (``base_options``)."""
+
+    def base_options(self) -> dict[str, Any]:
+        """How the frozen base is loaded: dtype, quantization and the resolved device (fedplora.hardware)."""
+        from ..hardware import resolve_device
+
+        c = self.config
+        return {"dtype": getattr(c, "dtype", "float32"), "quantization": getattr(c, "quantization", "none"),
+                "device": resolve_device(getattr(c, "device", "cpu"))}
 
     @abstractmethod
     def encode(self, dataset: Dataset) -> Dataset:
@@ -65,6 +74,13 @@ class Task(ABC):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
+
+    @staticmethod
+    def on_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """The batch on the model's device (collate builds it on the CPU)."""
+        from ..hardware import model_device, to_device
+
+        return to_device(batch, model_device(model))
 
     @abstractmethod
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:

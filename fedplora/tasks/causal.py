@@ -25,6 +25,7 @@ from datasets import Dataset
 
 from .. import rng
 from .base import Task
+from ..hardware import model_device
 from .models import load_causal_lm, smollm2_path
 
 IGNORE = -100
@@ -40,7 +41,7 @@ class CausalLMTask(Task):
         return smollm2_path(getattr(self.config, "cache_dir", None))
 
     def build_model(self):
-        model = load_causal_lm(self.model_path)
+        model = load_causal_lm(self.model_path, **self.base_options())
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
@@ -91,7 +92,8 @@ class CausalLMTask(Task):
     def heldout_loss(self, model, dataset: Dataset, batch_size: int = 8) -> float:
         total, count = 0.0, 0
         for start in range(0, len(dataset), batch_size):
-            batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = self.on_model(self.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
+                                  model)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             target = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -123,9 +125,10 @@ class CausalLMTask(Task):
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[i, width - len(p):] = 1
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+            dev = model_device(model)
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tok.eos_token_id, **kwargs)
-            for row in gen[:, width:]:
+            for row in gen[:, width:].cpu():
                 out.append(self.cut(tok.decode(row, skip_special_tokens=True)))
         return out
 

@@ -53,7 +53,8 @@ class ClassificationTask(Task):
     def build_model(self):
         if not self.label_names:
             self.load_splits()
-        model = load_sequence_classifier(self.model_path, len(self.label_names), seed=self.config.seed)
+        model = load_sequence_classifier(self.model_path, len(self.label_names), seed=self.config.seed,
+                                         **self.base_options())
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
@@ -79,9 +80,9 @@ class ClassificationTask(Task):
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = self.collate(rows)
-            out = model(**batch)
+            out = model(**self.on_model(batch, model))
             losses.append(float(out.loss) * len(rows))
-            preds.append(out.logits.argmax(-1).numpy())
+            preds.append(out.logits.argmax(-1).cpu().numpy())
             labels.append(batch["labels"].numpy())
         p, y = np.concatenate(preds), np.concatenate(labels)
         metrics = accuracy_f1_mcc(p, y, int(model.config.num_labels))

@@ -195,8 +195,14 @@ def load_tokenizer(ref: str):
     return tok
 
 
-def load_sequence_classifier(ref: str, num_labels: int, seed: int):
+def load_sequence_classifier(ref: str, num_labels: int, seed: int, *, dtype: str = "float32",
+                             quantization: str = "none", device: str | torch.device = "cpu"):
+    """The base with a fresh (seeded) head of ``num_labels``, in ``dtype`` / ``quantization`` on ``device``;
+    the head is never quantized (it is trained)."""
     from transformers import AutoModelForSequenceClassification, logging
+
+    from ..adapters.config import SEQUENCE_CLASSIFICATION_HEADS
+    from ..hardware import load_kwargs, place
 
     torch.manual_seed(rng.seed_int("init", seed))  # the new head's init is part of the run's seed
     verbosity = logging.get_verbosity()
@@ -204,17 +210,22 @@ def load_sequence_classifier(ref: str, num_labels: int, seed: int):
     try:
         # a model that already has a head of another size gets a fresh one (it is trained anyway)
         model = _from_pretrained(AutoModelForSequenceClassification, ref, num_labels=num_labels,
-                                 ignore_mismatched_sizes=True)
+                                 ignore_mismatched_sizes=True,
+                                 **load_kwargs(dtype, quantization, torch.device(device),
+                                               SEQUENCE_CLASSIFICATION_HEADS))
     finally:
         logging.set_verbosity(verbosity)
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return model.eval()
+    return place(model, torch.device(device)).eval()
 
 
-def load_causal_lm(ref: str):
+def load_causal_lm(ref: str, *, dtype: str = "float32", quantization: str = "none",
+                   device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, ref, dtype=torch.float32)
-    return model.eval()
+    from ..hardware import load_kwargs, place
+
+    model = _from_pretrained(AutoModelForCausalLM, ref, **load_kwargs(dtype, quantization, torch.device(device)))
+    return place(model, torch.device(device)).eval()

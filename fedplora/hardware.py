@@ -1,0 +1,102 @@
+"""Where the frozen base runs and in what form: device, dtype, bitsandbytes quantization, checkpointing.
+
+Why one module: the same four settings decide how every process (a simulated client, a SuperNode,
+the server's evaluator, the memory benchmark) loads its base model, and a mismatch between two of
+them would be a silent difference in what is trained. The adapters never follow these settings:
+their masters are float32 on the model's device, and what goes on the wire is float32 on the CPU
+(``fedplora.adapters``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda, then mps, then cpu; an explicit device that this machine lacks is a ConfigError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name} asked for, but this machine has no CUDA device torch can use; "
+                              "use --device auto or --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s); use --device cuda")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device: mps asked for, but this machine has no Apple GPU torch can use; use --device auto")
+    return device
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes' CPU path warns on every int8 matmul and once about optional kernels; neither is news."""
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+    warnings.filterwarnings("ignore", message=r".*inputs will be cast from torch.float32 to float16")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def quantization_config(quantization: str, dtype: str, skip_modules: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for ``8bit`` (LLM.int8) or ``4bit`` (NF4 with double quantization and
+    the base dtype as compute dtype, as QLoRA and FlowerTune); None for ``none``."""
+    if quantization == "none":
+        return None
+    quiet_bitsandbytes()
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"quantization: {quantization} needs bitsandbytes; run `make setup` (or pip install "
+                          "bitsandbytes), or use --quantization none") from None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(skip_modules or []) + ["lm_head"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype], llm_int8_skip_modules=skip)
+
+
+def load_kwargs(dtype: str, quantization: str, device: torch.device,
+                skip_modules: list[str] | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for the base in ``dtype`` / ``quantization`` on ``device``."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    q = quantization_config(quantization, dtype, skip_modules)
+    if q is not None:
+        kwargs["quantization_config"] = q
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as it places the weights
+    return kwargs
+
+
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model loaded without a device map (a quantized one is already in place)."""
+    if getattr(model, "hf_device_map", None) is None and getattr(model, "is_quantized", False) is False:
+        model.to(device)
+    return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: the frozen base needs no input gradients for the adapters' to flow."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; "
+                          "use --no-gradient-checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
