@@ -114,9 +114,15 @@ class PLoRALayer(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_pairs(self, init_a: str = "kaiming_uniform") -> None:
-        """LoRA's init: a_j random, b_j = 0, so the adapter starts as the identity."""
-        init_pairs_A_(self.plora_A, init_a)
+        """LoRA's init: a_j random, b_j = 0, so the adapter starts as the identity.
+
+        Drawn on the CPU from torch's global RNG, then moved: a run seeded the same way starts from the
+        same pairs on any device (CUDA's RNG would draw other numbers).
+        """
+        A = torch.empty(self.plora_A.shape, dtype=self.plora_A.dtype)
+        init_pairs_A_(A, init_a)
         with torch.no_grad():
+            self.plora_A.copy_(A)
             self.plora_B.zero_()
 
     # ------------------------------------------------------------- the pairs

@@ -70,7 +70,7 @@ class FLoRA(FederatedMethod):
         state: State = {}
         for name, layer in plora_layers(model):
             dtype = torch.promote_types(layer.plora_A.dtype, torch.float32)
-            state[name + DELTA_SUFFIX] = torch.zeros(layer.d_out, layer.d_in, dtype=dtype, device=layer.plora_A.device)
+            state[name + DELTA_SUFFIX] = torch.zeros(layer.d_out, layer.d_in, dtype=dtype)  # global state: CPU
         full = get_plora_state_dict(model)
         state.update({k: full[k] for k in head_keys(full)})
         return state
