@@ -49,15 +49,18 @@ def test_supernode_ignores_the_servers_paths(tmp_path):
     assert set(DEVICE_LOCAL_SETTINGS) == {"data_dir", "dataset", "cache_dir", "model"}
 
 
-def test_simulation_uses_the_runs_settings():
+def test_simulation_uses_the_runs_settings(monkeypatch):
     server = RunConfig(task="tweets", data_dir="/srv/data", model="/srv/model", cache_dir="/srv/cache",
                        device="cuda", client_gpus=0.25)
     ctx = _context(**{"partition-id": 2, "num-partitions": 10})  # all the Simulation Engine puts there
     assert not on_device(ctx)
     assert device_settings(server, ctx) is server
-    # a simulated client that Ray gave no GPU share trains on the CPU, whatever the server's device
+    # a simulated client that Ray gave no GPU share trains on the CPU, not on a CUDA device it was not given
+    # (this machine may have no CUDA: the rule is what is tested, so CUDA is declared present)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     no_share = dataclasses.replace(server, client_gpus=0.0)
     assert device_settings(no_share, ctx) == dataclasses.replace(no_share, device="cpu")
+    assert device_settings(dataclasses.replace(no_share, device="cpu"), ctx).device == "cpu"
 
 
 def test_device_declares_its_own_accelerator_and_base(tmp_path):

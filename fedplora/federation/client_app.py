@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from .. import rng
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
-from ..hardware import enable_gradient_checkpointing
+from ..hardware import enable_gradient_checkpointing, resolve_device
 from ..methods import make_method
 from ..tasks import make_task
 from ..tasks.partition import partition_for
@@ -73,8 +73,9 @@ def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
     """The run's settings as this client applies them.
 
     In simulation, ``cfg`` unchanged, except that a client given no GPU share (``client_gpus`` 0) trains on the
-    CPU. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry is replaced by its node config value (``None``
-    where it declares none: the task's embedded default), whatever the server sent; ``device``, ``dtype``,
+    CPU rather than on a CUDA device Ray did not give it. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry
+    is replaced by its node config value (``None`` where it declares none: the task's embedded default),
+    whatever the server sent; ``device``, ``dtype``,
     ``quantization`` and ``gradient-checkpointing`` in its node config override the run's (the adapters it
     uploads are float32 whatever its base is).
     The device refuses (``ValueError``; Flower returns it to the server as the reply's error reason) a run
@@ -82,8 +83,8 @@ def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
     model or data folder does not exist here.
     """
     if not on_device(context):
-        if not cfg.client_gpus and cfg.device != "cpu":  # a simulated client given no GPU share trains on the CPU
-            return dataclasses.replace(cfg, device="cpu")
+        if not cfg.client_gpus and cfg.device != "cpu" and resolve_device(cfg.device).type == "cuda":
+            return dataclasses.replace(cfg, device="cpu")  # Ray gave this client no GPU share: it trains on the CPU
         return cfg
     node = context.node_config
     local: dict[str, str | None] = {}
