@@ -4,13 +4,14 @@ from ..quiet import quiet_libraries
 from .base import DataError, Task
 from .bbc import BBCTask
 from .code import CodeTask
+from .glue import GLUE, GLUE_TASKS
 from .instruct import InstructTask
-from .sst2 import SST2Task
 from .tweets import TweetsTask
 
 quiet_libraries()
 
-TASKS: dict[str, type[Task]] = {"tweets": TweetsTask, "bbc": BBCTask, "sst2": SST2Task, "instruct": InstructTask,
+# every GLUE row is a task name of its own (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)
+TASKS: dict[str, type[Task]] = {"tweets": TweetsTask, "bbc": BBCTask, **GLUE_TASKS, "instruct": InstructTask,
                                 "code": CodeTask}
 
 
@@ -19,4 +20,4 @@ def make_task(config) -> Task:
     return TASKS[config.task](config)
 
 
-__all__ = ["DataError", "TASKS", "Task", "make_task"]
+__all__ = ["DataError", "GLUE", "TASKS", "Task", "make_task"]

@@ -1,8 +1,9 @@
 """Sequence classification: text -> one of k labels, with a trained classifier head.
 
 A classification task is a ``load_corpus`` (one labelled corpus, split by ``test_fraction``)
-or a ``load_splits`` (a corpus that comes with its own train/test files, e.g. SST-2).
-Metrics: accuracy, macro-F1, MCC and the held-out loss.
+or a ``load_splits`` (a corpus that comes with its own train/test files, e.g. GLUE's tasks).
+Rows hold ``text`` (and ``text_pair`` for a sentence-pair task) and ``label``.
+Metrics: accuracy, macro-F1, MCC (``score``, which a task may extend) and the held-out loss.
 """
 
 from __future__ import annotations
@@ -62,16 +63,25 @@ class ClassificationTask(Task):
     def encode(self, dataset: Dataset) -> Dataset:
         tok = self.tokenizer
 
+        pair = "text_pair" in dataset.column_names  # a sentence-pair task (GLUE's MRPC, RTE, ...)
+
         def fn(batch):
+            if pair:  # the tokenizer's pair input; the longer sentence loses tokens first
+                return tok(batch["text"], batch["text_pair"], truncation="longest_first",
+                           max_length=self.config.max_seq_len)
             return tok(batch["text"], truncation=True, max_length=self.config.max_seq_len)
 
-        return dataset.map(fn, batched=True, remove_columns=["text"])
+        return dataset.map(fn, batched=True, remove_columns=["text", "text_pair"] if pair else ["text"])
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         feats = [{k: r[k] for k in r if k != "label"} for r in rows]
         batch = self.tokenizer.pad(feats, return_tensors="pt")
         batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         return dict(batch)
+
+    def score(self, preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The metrics of predictions against labels (a task adds its own, e.g. GLUE MRPC's F1)."""
+        return accuracy_f1_mcc(preds, labels, num_labels)
 
     @torch.no_grad()
     def evaluate(self, model, dataset: Dataset, batch_size: int = 64) -> dict[str, float]:
@@ -85,6 +95,6 @@ class ClassificationTask(Task):
             preds.append(out.logits.argmax(-1).cpu().numpy())
             labels.append(batch["labels"].numpy())
         p, y = np.concatenate(preds), np.concatenate(labels)
-        metrics = accuracy_f1_mcc(p, y, int(model.config.num_labels))
+        metrics = self.score(p, y, int(model.config.num_labels))
         metrics["loss"] = sum(losses) / len(dataset)
         return metrics

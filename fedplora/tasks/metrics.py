@@ -1,6 +1,7 @@
 """The metrics users report, small enough to check by hand (tests/test_tasks.py does).
 
-* ``accuracy``, ``macro_f1``: classification.
+* ``accuracy``, ``macro_f1``: classification; ``binary_f1``: the F1 of one class (GLUE's "F1" for
+  MRPC and QQP is that of the positive class, label 1).
 * ``mcc``: Matthews correlation coefficient; for k > 2 classes Gorodkin's R_K, which is
   the binary MCC when k = 2 (the GLUE metric for CoLA, also reported for SST-2).
 * ``rouge_l``: ROUGE-L F-measure (beta = 1) from the longest common subsequence of
@@ -26,6 +27,15 @@ def accuracy_f1_mcc(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> d
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return {"accuracy": float(np.mean(preds == labels)) if len(labels) else 0.0,
             "macro_f1": float(np.mean(f1s)), "mcc": mcc(preds, labels, num_labels)}
+
+
+def binary_f1(preds, labels, positive: int = 1) -> float:
+    """F1 of the class ``positive``: 2 TP / (2 TP + FP + FN); 0 when it is never predicted nor present."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    tp = int(np.sum((preds == positive) & (labels == positive)))
+    fp = int(np.sum((preds == positive) & (labels != positive)))
+    fn = int(np.sum((preds != positive) & (labels == positive)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
 def mcc(preds, labels, num_labels: int) -> float:
