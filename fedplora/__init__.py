@@ -7,7 +7,12 @@ Quick use, PEFT-style::
     select_and_fold(model, [0, 3, 5])   # train 3 of the 8 pairs, the rest folded in
 """
 
-from .adapters import (
+import logging as _logging
+
+# bitsandbytes (imported by peft whenever it is installed) warns at import that optional CPU kernels are absent
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+
+from .adapters import (  # noqa: E402
     PLoRAConfig,
     PLoRALayer,
     export_peft_adapter,
