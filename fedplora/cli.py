@@ -55,10 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--max-ranks", type=_int_list, required=True,
                      help="each SuperNode's own budget (its node config max-rank), e.g. 2,4,8")
     dep.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    add_plan_parser(sub)
     # added after the parsers that copy ``run``'s flags: only ``fedplora run`` resumes
     run.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR after its last checkpointed "
                                                       "round, with its own settings (DIR/config.toml)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def add_plan_parser(sub) -> None:
+    """``fedplora plan``: its own few flags (a plan needs no data, task or federation settings)."""
+    d = RunConfig()
+    plan = sub.add_parser("plan", help="the largest local-training configuration whose predicted peak memory "
+                                       "fits --memory (docs/memory.md)")
+    plan.add_argument("--model", help="local folder or hub name (its config.json is enough; default: the "
+                                      "embedded SmolLM2-135M-Instruct)")
+    plan.add_argument("--memory", required=True, help="memory for training, e.g. 2GB (10^9), 1.5GiB, 800M (2^20)")
+    plan.add_argument("--batch-size", type=_named(_positive, "positive int"), default=d.batch_size,
+                      help=f"requested batch (lowered only if nothing fits with it; default {d.batch_size})")
+    plan.add_argument("--max-seq-len", type=_named(_positive, "positive int"), default=d.max_seq_len,
+                      help=f"tokens per example (default {d.max_seq_len})")
+    plan.add_argument("--rank", type=_named(_positive, "positive int"), default=d.rank,
+                      help=f"global rank R: the plan's rank is the largest r <= R that fits (default {d.rank})")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype)
+    plan.add_argument("--fold", choices=("branch", "merge"), default=d.fold)
+    plan.add_argument("--device", default="cpu", help="cpu (the peak RSS) or cuda (device memory; the merge "
+                                                      "copy is on the CPU); default cpu")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -118,6 +146,30 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import architecture, device_kind, format_bytes, load_config, memory_model, parse_memory, plan
+
+    memory = parse_memory(args.memory)
+    arch = architecture(load_config(args.model))
+    device = device_kind(args.device)
+    chosen, alternatives = plan(arch, memory, global_rank=args.rank, batch=args.batch_size, seq=args.max_seq_len,
+                                dtype=args.dtype, fold=args.fold, device=device)
+    print(f"model: {args.model or 'embedded SmolLM2-135M-Instruct'} ({arch.model_type}, "
+          f"{arch.parameters / 1e6:.1f}M parameters, {len(arch.targets)} adapted layers)")
+    print(f"memory: {format_bytes(memory)} for R={args.rank}, batch {args.batch_size} x {args.max_seq_len} tokens, "
+          f"{args.dtype}, fold {args.fold}, {device}")
+    print(f"plan: {chosen.describe()}")
+    print("alternatives (the best fit of each mode):")
+    print(f"  {'quantization':12} {'checkpointing':13} {'rank':>4} {'batch':>5} {'predicted peak':>15}")
+    for p in alternatives:
+        print(f"  {p.quantization:12} {'on' if p.ckpt else 'off':13} {p.rank:4d} {p.batch:5d} "
+              f"{format_bytes(p.peak):>15}")
+    if device == "cpu":
+        print(f"(peak RSS above the idle process: torch and transformers take about "
+              f"{format_bytes(memory_model()['runtime_bytes'])} more)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -128,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "deploy-local":
             return cmd_deploy_local(args)
+        if args.command == "plan":
+            return cmd_plan(args)
     except FedploraError as e:  # a problem the user can fix: one line, no traceback
         print(f"fedplora: error: {e}", file=sys.stderr)
         return 2

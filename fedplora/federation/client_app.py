@@ -29,6 +29,7 @@ from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
 from ..hardware import enable_gradient_checkpointing, resolve_device
 from ..methods import make_method
+from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
@@ -69,7 +70,7 @@ def on_device(context: Context) -> bool:
     return Path(sys.argv[0]).name == "flwr-clientapp" or bool(set(context.node_config) - SIMULATION_NODE_KEYS)
 
 
-def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
+def device_settings(cfg: RunConfig, context: Context, planned: bool = True) -> RunConfig:
     """The run's settings as this client applies them.
 
     In simulation, ``cfg`` unchanged, except that a client given no GPU share (``client_gpus`` 0) trains on the
@@ -77,7 +78,9 @@ def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
     is replaced by its node config value (``None`` where it declares none: the task's embedded default),
     whatever the server sent; ``device``, ``dtype``,
     ``quantization`` and ``gradient-checkpointing`` in its node config override the run's (the adapters it
-    uploads are float32 whatever its base is).
+    uploads are float32 whatever its base is). A node config ``max-memory`` (e.g. ``max-memory=2GB``) hands
+    ``quantization``, ``gradient-checkpointing`` and a lower ``batch_size`` to the memory plan
+    (``fedplora.planner.round_plan``, docs/memory.md) unless ``planned`` is False (the plan's own input).
     The device refuses (``ValueError``; Flower returns it to the server as the reply's error reason) a run
     whose task its node config ``tasks`` (e.g. ``tasks='sst2,tweets'``) does not list, or when its declared
     model or data folder does not exist here.
@@ -109,7 +112,12 @@ def device_settings(cfg: RunConfig, context: Context) -> RunConfig:
             local[name] = str(node[name])
     ckpt = node.get("gradient-checkpointing", cfg.gradient_checkpointing)
     local["gradient_checkpointing"] = ckpt if isinstance(ckpt, bool) else str(ckpt).lower() in ("1", "true", "yes")
-    return RunConfig.from_dict({**cfg.to_dict(), **local}).validate()
+    cfg = RunConfig.from_dict({**cfg.to_dict(), **local}).validate()
+    if planned and "max-memory" in node:
+        held = held_bytes([rt.model for rt in _runtimes.values()], resolve_device(cfg.device))
+        chosen = round_plan(cfg, parse_memory(node["max-memory"]), None, context.state, held)
+        cfg = apply_plan(cfg, chosen).validate()
+    return cfg
 
 
 class ClientRuntime:
@@ -163,7 +171,14 @@ def client_id(context: Context, cfg: RunConfig) -> int:
 
 
 def client_budget(context: Context, cfg: RunConfig, cid: int, server_round: int) -> int:
-    if "max-rank" in context.node_config:  # a real device declares its own budget
+    """This round's rank budget: the node config's ``max-memory`` plan (docs/memory.md) or ``max-rank`` on a
+    real device, else the simulated profile's; either may drop a group (``budget_fluctuation``)."""
+    if "max-memory" in context.node_config:  # a real device declares its memory: the plan gives the rank
+        local = device_settings(cfg, context, planned=False)
+        held = held_bytes([rt.model for rt in _runtimes.values()], resolve_device(local.device))
+        base = round_plan(local, parse_memory(context.node_config["max-memory"]), server_round, context.state,
+                          held).rank
+    elif "max-rank" in context.node_config:  # a real device declares its own budget
         base = int(context.node_config["max-rank"])
     else:
         base = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)[cid]
