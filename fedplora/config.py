@@ -35,7 +35,7 @@ from typing import Any
 from .errors import ConfigError  # importable from here, as before errors.py
 from .paths import missing_reason, ref_kind
 
-PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")  # implemented in tasks/partition.py
+PARTITIONERS = ("iid", "dirichlet", "dirichlet_per_client", "pathological", "natural")  # tasks/partition.py
 
 
 # ------------------------------------------------------------------ declarations
@@ -147,7 +147,9 @@ class RunConfig:
     # data
     partitioner: str = setting("iid", "how the training data is split over clients (docs/tasks.md)",
                                choices=PARTITIONERS)
-    dirichlet_alpha: float = setting(0.5, "Dirichlet label-skew concentration (small = strong skew)", gt=0)
+    dirichlet_alpha: float = setting(0.5, "Dirichlet label-skew concentration (small = strong skew): dirichlet "
+                                          "splits each label across clients by Dir(alpha), dirichlet_per_client "
+                                          "draws each equal-sized client's label mix from Dir(alpha)", gt=0)
     pathological_classes: int = setting(2, "labels per client with --partitioner pathological", ge=1)
     partition_column: str | None = setting(None, "column the dirichlet/pathological/natural partitioners split "
                                                  "by (default: the task's label column)", check=_column)
