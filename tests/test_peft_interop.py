@@ -9,14 +9,18 @@ from fedplora import (
 from fedplora.adapters import unwrap_base_copy
 
 
+@pytest.mark.parametrize("fold", ["branch", "merge"])
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
-def test_export_roundtrip_through_peftmodel(arch, ids, tmp_path):
+def test_export_roundtrip_through_peftmodel(arch, fold, ids, tmp_path):
     model = MODELS[arch]()
-    get_plora_model(model, PLoRAConfig(rank=4, alpha=8))
+    get_plora_model(model, PLoRAConfig(rank=4, alpha=8, fold=fold))
     randomize_pairs(model, scale=0.2)
     select_and_fold(model, [1, 2])  # export must not care what is folded right now
     expected = logits(model, ids)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     export_peft_adapter(model, tmp_path / "adapter")
+    assert torch.equal(logits(model, ids), expected)  # exporting leaves the model (and its fold) as it was
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     base = MODELS[arch]()  # a fresh base model, as a user would load it
@@ -26,6 +30,7 @@ def test_export_roundtrip_through_peftmodel(arch, ids, tmp_path):
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_import_from_peft_lora(arch, ids, tmp_path):
+    """An imported adapter is a branch-fold PLoRA (load_peft_adapter takes no fold)."""
     targets = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}[arch]
     peft_model = get_peft_model(MODELS[arch](), LoraConfig(r=4, lora_alpha=16, target_modules=targets,
                                                           init_lora_weights=False))
@@ -35,8 +40,10 @@ def test_import_from_peft_lora(arch, ids, tmp_path):
     model = load_peft_adapter(MODELS[arch](), tmp_path / "peft")
     assert model.plora_config.rank == 4 and model.plora_config.scale == pytest.approx(4.0)
     assert torch.allclose(logits(model, ids), expected, atol=1e-5)
+    assert model.plora_config.fold == "branch"
+    full = logits(model, ids)
     select_and_fold(model, [3])
-    assert torch.allclose(logits(model, ids), expected, atol=1e-5)
+    assert torch.equal(logits(model, ids), full)
 
 
 def test_import_rejects_a_non_adapter_folder(tmp_path):
@@ -44,14 +51,17 @@ def test_import_rejects_a_non_adapter_folder(tmp_path):
         load_peft_adapter(MODELS["bert"](), tmp_path)
 
 
-def test_unwrap_gives_pristine_base(ids):
+@pytest.mark.parametrize("fold", ["branch", "merge"])
+def test_unwrap_gives_pristine_base(fold, ids):
     model = MODELS["bert"]()
     before = logits(model, ids)
-    get_plora_model(model, PLoRAConfig(rank=2))
+    w0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    get_plora_model(model, PLoRAConfig(rank=2, fold=fold))
     randomize_pairs(model)
     select_and_fold(model, [0])
     base = unwrap_base_copy(model)
     assert not any(hasattr(m, "plora_A") for m in base.modules())
+    assert torch.equal(base.bert.encoder.layer[0].attention.self.query.weight, w0)  # W0 bit for bit
     head = get_plora_state_dict(model)["classifier.weight"]
     assert torch.equal(base.classifier.weight, head)  # heads keep their trained values
 
