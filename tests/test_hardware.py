@@ -345,6 +345,43 @@ def test_quantized_export_reloads_through_peftmodel_on_a_fresh_quantized_base(bn
     assert torch.equal(logits(loaded, ids), expected)  # measured: exact (max abs diff 0.0), here and on SmolLM2
 
 
+def test_quantization_config_is_qlora_nf4_or_llm_int8_and_never_quantizes_the_heads():
+    pytest.importorskip("bitsandbytes")
+    from fedplora.hardware import load_kwargs, quantization_config
+
+    assert quantization_config("none", "float32") is None
+    assert load_kwargs("bfloat16", "none", torch.device("cpu")) == {"dtype": torch.bfloat16}
+    q4 = quantization_config("4bit", "bfloat16", ["classifier"])
+    assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "nf4" and q4.bnb_4bit_use_double_quant
+    assert q4.bnb_4bit_compute_dtype == torch.bfloat16 and set(q4.llm_int8_skip_modules) == {"classifier", "lm_head"}
+    q8 = quantization_config("8bit", "float32")
+    assert q8.load_in_8bit and q8.llm_int8_skip_modules == ["lm_head"]
+    kw = load_kwargs("float16", "8bit", torch.device("cpu"))
+    assert kw["dtype"] == torch.float16 and kw["device_map"] == {"": "cpu"} and kw["quantization_config"].load_in_8bit
+
+
+def test_a_tasks_model_follows_the_runs_dtype_and_quantization(tiny_assets, ids):
+    import bitsandbytes as bnb
+
+    from fedplora.config import RunConfig
+    from fedplora.tasks import make_task
+
+    cfg = RunConfig(task="tweets", model=tiny_assets["model"], data_dir=tiny_assets["data_dir"], dtype="bfloat16",
+                    quantization="8bit", device="auto").validate()
+    model = make_task(cfg).build_model()
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(query, bnb.nn.Linear8bitLt)
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.bfloat16
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    get_plora_model(model, PLoRAConfig(rank=2, alpha=4))
+    assert model.classifier.weight.dtype == torch.float32  # the head trains as float32 masters
+    model.train()
+    loss = model(input_ids=ids, labels=torch.tensor([0, 1, 2])).loss
+    loss.backward()
+    assert math.isfinite(float(loss)) and all(p.grad is not None for p in trainable_parameters(model))
+    assert all(v.dtype == torch.float32 for v in get_plora_state_dict(model).values())
+
+
 # ---------------------------------------------------------------- gradient checkpointing
 
 
