@@ -3,8 +3,8 @@ Peak memory of one client's local training, per configuration, and the planner's
 
 What is measured: PLoRA with R=16 pairs on the default attention targets, r active pairs,
 AdamW on the trainables (its states allocated before the first measured step), ``--steps``
-training steps (causal-LM loss) on random token batches of batch x seq. Each configuration (a "cell") runs in its own child process, so no allocator
-state leaks from one cell to the next:
+training steps (causal-LM loss) on random token batches of batch x seq. Each configuration (a
+"cell") runs in its own child process, so no allocator state leaks from one cell to the next:
 
 * CPU: the peak RSS above the child's idle baseline (the RSS after the imports, before the
   model). The kernel's high-water mark (VmHWM) is reset after the model is loaded
@@ -298,10 +298,27 @@ def row(c: dict) -> str:
     return f"{head} peak {mib(c['peak_bytes'])} MiB  (step {c['step_s']} s, child {c.get('wall_s', '?')} s)"
 
 
-def print_table(path: Path) -> None:
+def md_row(c: dict) -> str:
+    pred = c.get("predicted_bytes")
+    fit = f"{pred / 2**20:.0f} | {(pred - c['peak_bytes']) / c['peak_bytes']:+.1%}" if pred else " | "
+    return (f"| {c['model']} | {c['rank']} | {c['fold']} | {c['dtype']} | {c['quantization']} | "
+            f"{c['batch']} x {c['seq']} | {'on' if c['ckpt'] else 'off'} | {c['peak_bytes'] / 2**20:.0f} | {fit} | "
+            f"{c['step_s']} |")
+
+
+def print_table(path: Path, markdown: bool = False) -> None:
     data = load_results(path)
-    for c in data["cells"]:
-        print(row(c))
+    measured = [c for c in data["cells"] if "error" not in c]
+    if not markdown:
+        for c in data["cells"]:
+            print(row(c))
+        return
+    order = {m: [c for _, c in cells(m)] for m in BASE}
+    measured.sort(key=lambda c: (c["model"] != "smollm2", order[c["model"]].index({f: c[f] for f in FACTORS})))
+    print("| model | r | fold | dtype | quant. | batch x seq | ckpt | peak MiB | predicted MiB | error | step s |")
+    print("|---|--:|---|---|---|---|---|--:|--:|--:|--:|")
+    for c in measured:
+        print(md_row(c))
 
 
 def fit_and_report(path: Path) -> None:
@@ -345,6 +362,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="measure at most this many new cells")
     p.add_argument("--estimate", action="store_true", help="time one child per model and exit")
     p.add_argument("--table", action="store_true", help="print the measured cells and exit")
+    p.add_argument("--markdown", action="store_true", help="with --table: the table of docs/memory.md")
     p.add_argument("--fit", action="store_true",
                    help="fit the planner's coefficients to the results, write fedplora/memory_model.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -356,7 +374,7 @@ def main() -> None:
     elif args.estimate:
         estimate(models, args.steps, args.device, args.timeout)
     elif args.table:
-        print_table(Path(args.json))
+        print_table(Path(args.json), args.markdown)
     elif args.fit:
         fit_and_report(Path(args.json))
     else:

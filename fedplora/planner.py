@@ -7,7 +7,8 @@ and parts fitted to ``benchmarks/bench_memory.py``'s measurements (docs/memory.m
 * frozen weights: every parameter of the base in the load's dtype, or packed by bitsandbytes (8bit: one
   byte a weight plus a float32 scale per row; 4bit NF4: half a byte plus the double-quantized block
   scales), counted from a meta-device model built from the config, so config.json is enough;
-* the merge copy (fold="merge" with pairs folded, CPU only: the pristine W0 of each adapted layer);
+* the merge copy (fold="merge" with pairs folded, CPU only: the pristine W0 of each adapted layer),
+  exact in size but with a fitted coefficient (the rebuild's temporaries stay in the heap);
 * the adapters: the float32 masters of all R pairs, the folded pairs' frozen copy (fold="branch") and
   r active pairs x (param, grad, two AdamW states);
 * activations: batch x seq x (layers x hidden, layers x intermediate, vocab, layers x heads x seq)
@@ -178,17 +179,19 @@ def activation_features(arch: Arch, dtype: str, batch: int, seq: int) -> list[fl
             tokens * arch.layers * arch.heads * seq * size]
 
 
-def fixed_bytes(arch: Arch, c: dict, global_rank: int, device: str = "cpu") -> int:
+def fixed_bytes(arch: Arch, c: dict, global_rank: int) -> int:
+    """The exact parts: the frozen weights and the adapters."""
+    return weight_bytes(arch, c["dtype"], c["quantization"]) + adapter_bytes(arch, c["fold"], c["rank"], global_rank)
+
+
+def design_row(arch: Arch, c: dict, global_rank: int, device: str = "cpu") -> list[float]:
+    """[constant, merge copy, activation features without checkpointing, the same with checkpointing]. The
+    merge copy gets a fitted coefficient: on the CPU the rebuilt layers' temporaries stay in the process's
+    heap beside the copy itself (docs/memory.md)."""
     merge = merge_copy_bytes(arch, c["dtype"], c["fold"], c["rank"], global_rank) if device == "cpu" else 0
-    return (weight_bytes(arch, c["dtype"], c["quantization"]) + merge
-            + adapter_bytes(arch, c["fold"], c["rank"], global_rank))
-
-
-def design_row(arch: Arch, c: dict) -> list[float]:
-    """[constant, features if no checkpointing, features if checkpointing]."""
     f = activation_features(arch, c["dtype"], c["batch"], c["seq"])
     zero = [0.0] * len(f)
-    return [1.0] + (zero + f if c["ckpt"] else f + zero)
+    return [1.0, float(merge)] + (zero + f if c["ckpt"] else f + zero)
 
 
 @lru_cache(maxsize=1)
@@ -201,8 +204,8 @@ def memory_model() -> dict:
 def predict(arch: Arch, c: dict, global_rank: int, device: str = "cpu", model: dict | None = None) -> int:
     """Predicted peak (bytes) of one cell: {rank, fold, dtype, quantization, batch, seq, ckpt}."""
     coef = (model or memory_model())["coefficients"]
-    fitted = sum(a * b for a, b in zip(coef, design_row(arch, c)))
-    return int(fixed_bytes(arch, c, global_rank, device) + fitted)
+    fitted = sum(a * b for a, b in zip(coef, design_row(arch, c, global_rank, device)))
+    return int(fixed_bytes(arch, c, global_rank) + fitted)
 
 
 def _nnls(rows: list[list[float]], rest: list[float], peaks: list[float]) -> list[float]:
@@ -234,11 +237,11 @@ def fit(results: dict) -> dict:
     rows, rest = [], []
     for c in cells:
         arch = architecture(results["models"][c["model"]])
-        rows.append(design_row(arch, c))
+        rows.append(design_row(arch, c, rank))
         rest.append(c["peak_bytes"] - fixed_bytes(arch, c, rank))
     idle = sorted(c["idle_rss"] for c in cells if "idle_rss" in c)
     return {"about": "fitted by benchmarks/bench_memory.py --fit; fedplora/planner.py, docs/memory.md",
-            "global_rank": rank, "features": ["constant", *FEATURES, *(f"{f}_ckpt" for f in FEATURES)],
+            "global_rank": rank, "features": ["constant", "merge_copy", *FEATURES, *(f"{f}_ckpt" for f in FEATURES)],
             "coefficients": _nnls(rows, rest, [c["peak_bytes"] for c in cells]),
             "runtime_bytes": idle[len(idle) // 2] if idle else 0, "cells": len(cells)}
 
@@ -281,8 +284,9 @@ def candidates(arch: Arch, *, global_rank: int, batch: int, seq: int, dtype: str
 
 def plan(arch: Arch, memory: int, **settings) -> tuple[Plan, list[Plan]]:
     """The first candidate (``candidates``' order) whose predicted peak fits ``memory``, and for each mode
-    the best candidate that fits (the alternatives). Since the order is fixed and a candidate's peak does
-    not depend on ``memory``, less memory never gives a higher rank, batch or a less aggressive mode."""
+    the best candidate that fits (the alternatives). The order is fixed and a candidate's peak does not
+    depend on ``memory``, so less memory never gives a candidate earlier in the order, hence never a higher
+    rank (what keeps a SuperNode's query and train consistent, ``round_plan``)."""
     cands = candidates(arch, **settings)
     fits = [p for p in cands if p.peak <= memory]
     if not fits:
