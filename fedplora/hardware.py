@@ -83,7 +83,21 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move a model loaded without a device map (a quantized one is already in place)."""
     if getattr(model, "hf_device_map", None) is None and getattr(model, "is_quantized", False) is False:
         model.to(device)
+    keep_4bit_trainable(model)
     return model
+
+
+def keep_4bit_trainable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weight in place, at its first
+    no-grad forward, for an inference kernel that has no autograd: from then on no gradient flows through the
+    layer, so an adapter evaluated once (a SuperNode, a library user's eval-then-train loop) would silently
+    train nothing. tests/test_hardware.py holds the reproduction.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

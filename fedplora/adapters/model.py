@@ -83,10 +83,12 @@ def get_plora_model(model: nn.Module, config: PLoRAConfig) -> nn.Module:
 
 
 def _float32_head(head: nn.Module) -> None:
-    """Train a head as float32 masters on a half-precision base: inputs are cast up, outputs back down."""
+    """Train a head as float32 masters on a half-precision base: inputs are cast up, its output back to the
+    base's dtype (so a trained module inside the network feeds the next half-precision layer what it expects)."""
     for p in head.parameters():
         p.requires_grad_(True)
-    if not any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+    base_dtype = next((p.dtype for p in head.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if base_dtype is None:
         return
     head.float()
 
@@ -94,8 +96,7 @@ def _float32_head(head: nn.Module) -> None:
         return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def cast_out(module, args, out):
-        dt = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
-        return out.to(dt) if dt is not None and torch.is_tensor(out) and out.is_floating_point() else out
+        return out.to(base_dtype) if torch.is_tensor(out) and out.is_floating_point() else out
 
     head.register_forward_pre_hook(cast_in)
     head.register_forward_hook(cast_out)
