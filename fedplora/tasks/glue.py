@@ -79,7 +79,7 @@ def hub_names(spec: GlueSpec) -> tuple[str, ...]:
 
 def data_help(spec: GlueSpec) -> str:
     return (f"{spec.name} needs its data: --data-dir FOLDER with GLUE's train.tsv and {spec.held_out}.tsv "
-            f"(header '{'<TAB>'.join(spec.header)}', e.g. ../shared/data/{spec.name}), "
+            f"(header '{'<TAB>'.join(spec.header)}', the format of ../shared/data), "
             f"or --dataset glue/{spec.name} when online")
 
 
