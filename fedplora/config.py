@@ -140,8 +140,16 @@ class RunConfig:
                                         ge=0, le=1)
     # method options
     weighting: str = setting("samples", "aggregation weights", choices=("samples", "uniform"))
-    selection: str = setting("shared", "Fed-PLoRA: one index draw for all layers (shared) or one per layer",
-                             choices=("shared", "per_layer"))
+    selection: str = setting("shared", "Fed-PLoRA: which pairs a client trains: one random draw for all layers "
+                                       "(shared), one per layer (per_layer), or always the first r_i (fixed)",
+                             choices=("shared", "per_layer", "fixed"))
+    aggregate_over: str = setting("participants", "Fed-PLoRA: average pair j over the clients that trained it "
+                                                  "(participants) or over every sampled client (all; one that did "
+                                                  "not train j adds a zero update)",
+                                  choices=("participants", "all"))
+    unselected: str = setting("fold", "Fed-PLoRA: the pairs a client does not train are folded into its model "
+                                      "(fold) or left out of it (drop: the Select-N-Drop ablation)",
+                              choices=("fold", "drop"))
     fedit_variant: str = setting("ideal", "FedIT: every client at R, ignoring budgets (ideal), or every client "
                                           "at the smallest budget (feasible)", choices=("ideal", "feasible"))
     # data

@@ -6,7 +6,7 @@ import torch
 from conftest import logits, randomize_pairs, tiny_bert
 from fedplora import (
     ClientInfo, ClientUpdate, FedPLoRA, PLoRAConfig, UpdateRejected, get_plora_model, get_plora_state_dict,
-    init_noise, select_and_fold, trainable_parameters,
+    init_noise, select_and_fold, set_plora_state_dict, trainable_parameters,
 )
 from fedplora.methods.fedplora import select_indices
 
@@ -150,3 +150,89 @@ def test_per_layer_selection_option(ids):
     task = FedPLoRA(cfg, selection="per_layer").configure_client(state, ClientInfo(0, 3), 1)
     draws = {tuple(v) for v in task.config["indices"].values()}
     assert len(draws) > 1 and all(len(d) == 3 for d in draws)
+
+
+def _two_client_example():
+    """The hand example above: pairs 0..3, client 1 (30 samples) trained [0, 1], client 2 (10) trained [1]."""
+    from fedplora.methods.base import ClientTask
+
+    layer = "L"
+    state = {layer + ".plora_A": torch.arange(8, dtype=torch.float32).reshape(4, 2),
+             layer + ".plora_B": -torch.arange(12, dtype=torch.float32).reshape(3, 4), "head.weight": torch.zeros(2, 2)}
+    t1 = ClientTask(arrays=state, config={"rank": 2, "indices": {layer: [0, 1]}})
+    t2 = ClientTask(arrays=state, config={"rank": 1, "indices": {layer: [1]}})
+    u1 = ClientUpdate({layer + ".plora_A": torch.tensor([[1., 1.], [2., 2.]]),
+                       layer + ".plora_B": torch.tensor([[1., 2.], [1., 2.], [1., 2.]]),
+                       "head.weight": torch.ones(2, 2)}, {"indices": {layer: [0, 1]}}, num_samples=30)
+    u2 = ClientUpdate({layer + ".plora_A": torch.tensor([[6., 10.]]),
+                       layer + ".plora_B": torch.tensor([[10.], [10.], [10.]]),
+                       "head.weight": 5 * torch.ones(2, 2)}, {"indices": {layer: [1]}}, num_samples=10)
+    return state, [t1, t2], [u1, u2]
+
+
+def test_aggregate_over_all_counts_every_sampled_client_for_every_pair():
+    cfg = PLoRAConfig(rank=4, alpha=4, target_modules=["query"], modules_to_save=["classifier"])
+    state, tasks, updates = _two_client_example()
+    new = FedPLoRA(cfg, aggregate_over="all").aggregate(state, tasks, updates)
+    A, B = new["L.plora_A"], new["L.plora_B"]
+    # pair 0: client 1 trained it (weight 0.75), client 2 holds the global row [0, 1] (weight 0.25)
+    assert torch.allclose(A[0], torch.tensor([0.75 * 1 + 0.25 * 0, 0.75 * 1 + 0.25 * 1]))
+    assert torch.allclose(B[:, 0], 0.75 * torch.ones(3) + 0.25 * torch.tensor([0., -4., -8.]))
+    # pair 1: both trained it: the same as "participants"
+    assert torch.allclose(A[1], torch.tensor([0.75 * 2 + 0.25 * 6, 0.75 * 2 + 0.25 * 10]))
+    # pairs 2, 3: nobody trained them: every client holds the global value, so they stay, bit for bit
+    assert torch.equal(A[2:], state["L.plora_A"][2:]) and torch.equal(B[:, 2:], state["L.plora_B"][:, 2:])
+    # uniform weights: pair 0 = (trained + global) / 2
+    uniform = FedPLoRA(cfg, weighting="uniform", aggregate_over="all").aggregate(state, tasks, updates)
+    assert torch.allclose(uniform["L.plora_A"][0], torch.tensor([0.5, 1.0]))
+
+
+def test_fixed_selection_trains_the_first_pairs_in_every_layer_every_round():
+    cfg = PLoRAConfig(rank=8, alpha=8)
+    state = get_plora_state_dict(get_plora_model(tiny_bert(), cfg))
+    method = FedPLoRA(cfg, selection="fixed")
+    for rnd in (1, 2, 7):
+        task = method.configure_client(state, ClientInfo(cid=3, budget=3), rnd)
+        assert all(idx == [0, 1, 2] for idx in task.config["indices"].values())
+
+
+def test_per_layer_draws_differ_across_layers_and_are_reproducible():
+    cfg = PLoRAConfig(rank=8, alpha=8)
+    state = get_plora_state_dict(get_plora_model(tiny_bert(), cfg))
+    method = FedPLoRA(cfg, selection="per_layer", seed=5)
+    first = method.configure_client(state, ClientInfo(cid=2, budget=3), 4).config["indices"]
+    again = FedPLoRA(cfg, selection="per_layer", seed=5).configure_client(state, ClientInfo(cid=2, budget=3), 4)
+    assert again.config["indices"] == first
+    assert len({tuple(v) for v in first.values()}) > 1
+    for k, name in enumerate(first):  # each layer's draw is the "selection" stream of its own layer key
+        assert first[name] == select_indices(3, 8, seed=5, server_round=4, cid=2, layer=k + 1)
+
+
+@pytest.mark.parametrize("fold", ["branch", "merge"])
+def test_select_n_drop_starts_from_the_selected_pairs_only(ids, fold):
+    cfg = PLoRAConfig(rank=4, alpha=8, fold=fold)
+    server = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+    g = torch.Generator().manual_seed(1)
+    state = {k: (torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.3 if "plora" in k else v)
+             for k, v in get_plora_state_dict(server).items()}
+    drop = FedPLoRA(cfg, unselected="drop", selection="fixed")
+    task = drop.configure_client(state, ClientInfo(cid=0, budget=2), 1)
+    client = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+    drop.client_setup(client, task)
+    # the model a client starts from: only pairs 0 and 1 of the global adapter, the others absent
+    expected = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+    kept = {k: (v.clone() if "plora" in k else v) for k, v in state.items()}
+    for k, v in kept.items():
+        if k.endswith("plora_A"):
+            v[2:] = 0
+        elif k.endswith("plora_B"):
+            v[:, 2:] = 0
+    set_plora_state_dict(expected, kept)
+    assert torch.allclose(logits(client, ids), logits(expected, ids), atol=1e-12, rtol=0)
+    folded = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
+    FedPLoRA(cfg, selection="fixed").client_setup(folded, task)
+    assert not torch.allclose(logits(folded, ids), logits(client, ids))  # fold keeps pairs 2, 3; drop does not
+    # what the server measures as the client's start is that same adapter (initialization noise > 0)
+    start = drop.client_start_factors(task)
+    name = next(iter(start))
+    assert torch.equal(start[name][1], kept[name + ".plora_A"])

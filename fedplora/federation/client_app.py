@@ -47,7 +47,7 @@ def plora_config(cfg: RunConfig) -> PLoRAConfig:
 def method_options(cfg: RunConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed}
     if cfg.method == "fedplora":
-        opts["selection"] = cfg.selection
+        opts.update(selection=cfg.selection, aggregate_over=cfg.aggregate_over, unselected=cfg.unselected)
     if cfg.method == "fedit":
         opts["variant"] = cfg.fedit_variant
         if cfg.fedit_variant == "feasible":  # every client at the smallest budget of the profile

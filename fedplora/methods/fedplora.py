@@ -4,6 +4,18 @@ Client i receives all R global pairs, draws r_i of them (seeded, anew each
 round), folds the rest into its frozen weights and trains the r_i it drew, so
 it starts exactly at the global model. The server averages each pair j over
 the clients that trained it; a pair nobody trained keeps its value.
+
+Options a researcher asks about (docs/method.md), each a run setting:
+
+* ``selection``: ``per_layer`` (an independent draw per adapted layer), ``shared``
+  (one draw for every layer) or ``fixed`` (always the first r_i pairs: the paper's
+  "Fixed" ablation, which is HetLoRA's selection with Fed-PLoRA's fold).
+* ``aggregate_over``: ``participants`` (pair j averaged over the clients that trained
+  it, the paper's rule) or ``all`` (every sampled client counts for every pair; one
+  that did not train j contributes its unchanged global value, a zero update).
+* ``unselected``: ``fold`` (Select-N-Fold) or ``drop`` (Select-N-Drop, the paper's
+  ablation: the unselected pairs are left out of the client's model, so it does not
+  start at the global model).
 """
 
 from __future__ import annotations
@@ -39,15 +51,23 @@ def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: in
 class FedPLoRA(FederatedMethod):
     name = "fedplora"
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared") -> None:
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared",
+                 aggregate_over: str = "participants", unselected: str = "fold") -> None:
         super().__init__(plora, weighting, seed)
-        self.selection = selection  # "shared" (one draw for all layers) or "per_layer"; checked by RunConfig
+        # the three options of the module docstring; their values are checked by RunConfig
+        self.selection, self.aggregate_over, self.unselected = selection, aggregate_over, unselected
+
+    def describe(self) -> str:
+        return (f"{self.name} (selection {self.selection}, aggregate over {self.aggregate_over}, "
+                f"unselected pairs {'folded' if self.unselected == 'fold' else 'dropped'})")
 
     # ------------------------------------------------------------ server side
     def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
         budget = min(client.budget, self.rank)
         layers = layer_names(state)
-        if self.selection == "shared":
+        if self.selection == "fixed":
+            indices = {name: list(range(budget)) for name in layers}
+        elif self.selection == "shared":
             shared = select_indices(budget, self.rank, self.seed, server_round, client.cid)
             indices = {name: shared for name in layers}
         else:
@@ -62,9 +82,12 @@ class FedPLoRA(FederatedMethod):
         new: State = {}
         for layer in layer_names(state):
             A_old, B_old = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
-            den = torch.zeros(self.rank, dtype=torch.float64)
+            den = torch.zeros(self.rank, dtype=torch.float64)  # per pair: the weight of the clients it averages over
             for w, task in zip(raw, tasks):
-                den[task.config["indices"][layer]] += w
+                if self.aggregate_over == "all":
+                    den += w
+                else:
+                    den[task.config["indices"][layer]] += w
             A = torch.zeros_like(A_old, dtype=torch.float64)
             B = torch.zeros_like(B_old, dtype=torch.float64)
             for w, task, u in zip(raw, tasks, updates):
@@ -72,6 +95,11 @@ class FedPLoRA(FederatedMethod):
                 coef = w / den[idx]
                 A[idx] += coef[:, None] * u.arrays[layer + A_SUFFIX].double()
                 B[:, idx] += coef[None, :] * u.arrays[layer + B_SUFFIX].double()
+                if self.aggregate_over == "all":  # the pairs it did not train count at their global value
+                    rest = torch.ones(self.rank, dtype=torch.bool)
+                    rest[idx] = False
+                    A[rest] += (w / den[rest])[:, None] * A_old[rest].double()
+                    B[:, rest] += (w / den[rest])[None, :] * B_old[:, rest].double()
             untouched = den == 0  # a pair nobody trained keeps its previous value
             A[untouched] = A_old[untouched].double()
             B[:, untouched] = B_old[:, untouched].double()
@@ -81,8 +109,20 @@ class FedPLoRA(FederatedMethod):
 
     # ------------------------------------------------------------ client side
     def client_setup(self, model: nn.Module, task: ClientTask) -> None:
-        set_plora_state_dict(model, task.arrays)
+        set_plora_state_dict(model, self.start_arrays(task))
         select_and_fold(model, task.config["indices"])
+
+    def start_arrays(self, task: ClientTask) -> State:
+        """The pairs the client's model starts from: all R (fold), or the selected ones only (drop)."""
+        if self.unselected == "fold":
+            return task.arrays
+        arrays = dict(task.arrays)
+        for layer, idx in task.config["indices"].items():
+            keep = torch.zeros(arrays[layer + A_SUFFIX].shape[0], dtype=torch.bool)
+            keep[idx] = True
+            arrays[layer + A_SUFFIX] = arrays[layer + A_SUFFIX] * keep[:, None]
+            arrays[layer + B_SUFFIX] = arrays[layer + B_SUFFIX] * keep[None, :]
+        return arrays
 
     def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate:
         state = get_plora_state_dict(model)
@@ -114,11 +154,11 @@ class FedPLoRA(FederatedMethod):
 
     # ------------------------------------------------------------ measurement
     def client_start_factors(self, task: ClientTask) -> LayerFactors:
-        # folded pairs + selected pairs = all R pairs at their global values
-        return self.global_factors(task.arrays)
+        # fold: folded pairs + selected pairs = all R pairs at their global values; drop: the selected ones only
+        return self.global_factors(self.start_arrays(task))
 
     def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
-        full = dict(task.arrays)
+        full = dict(self.start_arrays(task))
         for layer, idx in task.config["indices"].items():
             A = full[layer + A_SUFFIX].clone()
             B = full[layer + B_SUFFIX].clone()
