@@ -138,12 +138,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``error-file``: where a run's one-line error goes (``fedplora run`` reads it back and prints it)."""
+    """``error-file``: where a run's one-line error goes (``fedplora run`` reads it back and prints it, so the
+    error is not raised here as well: Flower would print its traceback above that line). Under a plain
+    ``flwr run`` (no error file) the error is raised, and Flower reports the run as failed."""
     error_file = str(context.run_config.get("error-file", ""))
     try:
         cfg, out, resume = config_from_run_config(dict(context.run_config))
         run_federation(grid, cfg, out, Progress.console(), resume=resume)
     except FedploraError as e:
-        if error_file:
-            Path(error_file).write_text(f"{type(e).__name__}: {e}")
-        raise
+        if not error_file:
+            raise
+        Path(error_file).write_text(f"{type(e).__name__}: {e}")
