@@ -1,0 +1,420 @@
+"""`fedplora study`: the study file's checks, the cell grid, skip/resume/conflict, the report's determinism.
+
+The fast tests write finished cell folders themselves (a config.toml as the ServerApp writes it and a
+summary.json with a history), so the study's logic runs without any Flower run. The slow test runs a tiny
+real study, stops it with SIGTERM in the middle of a cell, continues it, and compares its table.json with
+an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedplora.errors import ConfigError
+from fedplora.study import (add_study_parser, build_table, cell_status, check_conflicts, expected_config,
+                            load_study, main, write_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SKEW = """[[partition]]
+name = "skew"
+label = "non-IID"
+partitioner = "dirichlet_per_client"
+dirichlet_alpha = 0.3
+"""
+
+TINY = """
+[study]
+name = "tiny"
+seeds = [0, 1]
+
+[base]
+rounds = 2
+num_clients = 3
+clients_per_round = 2
+local_steps = 2
+batch_size = 8
+max_seq_len = 32
+eval_max_examples = 32
+
+[[task]]
+name = "tweets"
+
+[[partition]]
+name = "iid"
+label = "IID"
+
+[[partition]]
+name = "skew"
+label = "non-IID"
+partitioner = "dirichlet_per_client"
+dirichlet_alpha = 0.3
+
+[[method]]
+name = "fedit-r"
+label = "FedIT R"
+method = "fedit"
+
+[[method]]
+name = "fedit-r2"
+label = "FedIT R/2"
+method = "fedit"
+rank = 4
+ranks = [2, 4]
+alpha = 8.0
+
+[paper.tweets.iid]
+fedit-r = 70.0
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tmp_path, text), out=tmp_path / "out")
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------ the file's checks: one line each
+@pytest.mark.parametrize("change, expected", [
+    (("rounds = 2", "roundz = 2"), "[base]: unknown key 'roundz' (did you mean 'rounds'?)"),
+    (("rounds = 2", "rounds = 0"), "[base]: rounds: must be an integer >= 1, got 0"),
+    (('method = "fedit"\nrank = 4', 'method = "fedit"\nrnak = 4'), "[[method]] #2 'fedit-r2': unknown key 'rnak'"),
+    (('name = "skew"', 'name = "sk ew"'), "[[partition]] #2 'sk ew': needs name"),
+    (('name = "fedit-r2"', 'name = "fedit-r"'), "the name 'fedit-r' is used twice"),
+    (("seeds = [0, 1]", "seeds = [0, 0]"), "seeds [0, 0] names a seed twice"),
+    (("seeds = [0, 1]", "seeds = []"), "seeds must be a non-empty list of integers"),
+    (('name = "tiny"', 'name = "tiny"\nseedz = [1]'), "[study]: unknown key 'seedz' (did you mean 'seeds'?)"),
+    (("[paper.tweets.iid]", "[paper.tweets.nope]"), "[paper.tweets.nope]: 'nope' is not a [[partition]] name"),
+    (("fedit-r = 70.0", "fedit-x = 70.0"), "'fedit-x' is not a [[method]] name"),
+    (("fedit-r = 70.0", 'fedit-r = "high"'), "fedit-r must be a number"),
+    (("rounds = 2", "rounds = 2\nseed = 3"), "[base]: 'seed' is set by the study"),
+    (("ranks = [2, 4]", "ranks = [2, 8]"), "cell tweets/iid/fedit-r2/seed0: ranks: budget 8 is outside [1, rank=4]"),
+    (("[base]", "[bsae]"), "unknown table(s) ['bsae']"),
+])
+def test_a_bad_study_file_is_one_line_naming_the_entry_and_key(tmp_path, change, expected):
+    old, new = change
+    assert old in TINY
+    assert expected in error_of(tmp_path, TINY.replace(old, new, 1))
+
+
+def test_a_missing_file_and_bad_toml_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_study(tmp_path / "nope.toml")
+    assert "is not valid TOML" in error_of(tmp_path, "[study\n")
+    no_paper = TINY.split("[paper.")[0]
+    assert "[[task]] 'mytask': not a fedplora task name; add task = " in error_of(
+        tmp_path, no_paper.replace('[[task]]\nname = "tweets"', '[[task]]\nname = "mytask"'))
+    message = error_of(tmp_path, no_paper.replace('name = "tweets"', 'name = "mytask"\ntask = "twets"'))
+    assert "[[task]] #1 'mytask': task: must be 'bbc', " in message and message.endswith("got 'twets' (--task)")
+    assert "needs at least one [[method]] entry" in error_of(tmp_path, '[[task]]\nname = "tweets"\n'
+                                                                         '[[partition]]\nname = "iid"\n')
+
+
+def test_the_cells_their_order_folders_and_settings(tmp_path):
+    study = load_study(write(tmp_path, TINY), out=tmp_path / "out")
+    assert len(study.cells) == 8
+    # seed-major, then task, partition, method: a study stopped after seed 0 has a complete table
+    assert [c.rel for c in study.cells[:4]] == ["cells/tweets/iid/fedit-r/seed0", "cells/tweets/iid/fedit-r2/seed0",
+                                                "cells/tweets/skew/fedit-r/seed0", "cells/tweets/skew/fedit-r2/seed0"]
+    assert [c.index for c in study.cells] == list(range(1, 9))
+    c = study.cells[3]
+    assert c.folder == tmp_path / "out" / "cells" / "tweets" / "skew" / "fedit-r2" / "seed0"
+    cfg = c.cfg
+    assert (cfg.task, cfg.method, cfg.rank, cfg.ranks, cfg.rank_shares, cfg.alpha) == \
+        ("tweets", "fedit", 4, [2, 4], [1.0, 1.0], 8.0)  # ranks alone: equal shares
+    assert (cfg.partitioner, cfg.dirichlet_alpha, cfg.rounds, cfg.seed, cfg.out) == \
+        ("dirichlet_per_client", 0.3, 2, 0, str(c.folder))
+    assert study.cells[4].seed == 1 and study.cells[4].cfg.seed == 1
+    assert study.paper == {"tweets": {"iid": {"fedit-r": 70.0}}}
+
+
+def test_overrides_apply_to_the_cells_they_name(tmp_path):
+    text = TINY + '\n[[override]]\nmethod = "fedit-r2"\npartition = ["skew"]\nlr = 0.001\n'
+    study = load_study(write(tmp_path, text), out=tmp_path / "out")
+    lrs = {c.rel: c.cfg.lr for c in study.cells if c.seed == 0}
+    assert lrs["cells/tweets/skew/fedit-r2/seed0"] == 0.001
+    assert lrs["cells/tweets/iid/fedit-r2/seed0"] == lrs["cells/tweets/skew/fedit-r/seed0"] == 4e-3
+    assert "'nope' is not a [[method]] name" in error_of(tmp_path, TINY + '\n[[override]]\nmethod = "nope"\nlr = 1.0\n')
+    assert "[[override]] #1: lr: must be a number > 0" in error_of(
+        tmp_path, TINY + '\n[[override]]\nmethod = "fedit-r"\nlr = -1.0\n')
+
+
+# ------------------------------------------------------------------ fake finished cells
+def fake_summary(cell, accuracy: float) -> dict:
+    history = [{"round": 0, "metrics": {"accuracy": 0.3, "loss": 1.1}, "bytes_up": 0, "bytes_down": 0,
+                "init_noise": 0.0, "agg_noise": 0.0}]
+    for r in range(1, cell.cfg.rounds + 1):
+        history.append({"round": r, "metrics": {"accuracy": accuracy - 0.1 * (cell.cfg.rounds - r), "loss": 0.5},
+                        "bytes_up": 1_000_000 * cell.cfg.rank, "bytes_down": 2_000_000 * cell.cfg.rank,
+                        "init_noise": 0.0, "agg_noise": 0.5 * r, "paper_agg_noise": 0.25 * r})
+    return {"method": cell.cfg.method, "task": cell.cfg.task, "metric": "accuracy", "seed": cell.seed,
+            "rounds": cell.cfg.rounds, "final": history[-1]["metrics"], "initial": history[0]["metrics"],
+            "history": history, "bytes_up_total": sum(h["bytes_up"] for h in history),
+            "bytes_down_total": sum(h["bytes_down"] for h in history), "wall_s": time.time() % 1000}
+
+
+def finish(cell, accuracy: float, cfg=None) -> None:
+    """A cell folder as a finished `fedplora run` leaves it (config.toml as the ServerApp writes it)."""
+    from fedplora.config import RunConfig
+
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    saved = RunConfig.from_dict(expected_config(cell)).with_overrides(out=str(cell.folder.resolve()), client_gpus=0.0)
+    (cell.folder / "config.toml").write_text((cfg or saved).to_toml())
+    (cell.folder / "summary.json").write_text(json.dumps(fake_summary(cell, accuracy)))
+
+
+def test_skip_resume_and_changed_settings(tmp_path):
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    a, b, c = study.cells[:3]
+    assert cell_status(a) == "todo"
+    finish(a, 0.7)
+    assert cell_status(a) == "done"
+    # a stopped cell: config.toml and a checkpoint, no summary -> continued from the checkpoint
+    finish(b, 0.6)
+    (b.folder / "summary.json").unlink()
+    assert cell_status(b) == "todo"  # no checkpoint: started again
+    (b.folder / "checkpoint").mkdir()
+    (b.folder / "checkpoint" / "checkpoint.json").write_text("{}")
+    assert cell_status(b) == "resume"
+    # where the cell lies and the machine-resolved GPU share may differ; a moved study is still done
+    moved = load_study(path, out=tmp_path / "out")
+    assert cell_status(moved.cells[0]) == "done"
+    check_conflicts(moved)
+    # the study file changed a setting of a finished cell: refused before anything runs, one line
+    changed = load_study(write(tmp_path, TINY.replace("local_steps = 2", "local_steps = 3")), out=tmp_path / "out")
+    assert cell_status(changed.cells[0]) == "conflict"
+    assert cell_status(changed.cells[2]) == "todo"
+    with pytest.raises(ConfigError) as e:
+        check_conflicts(changed)
+    msg = str(e.value)
+    assert "fedit-r/seed0: it was run with local_steps=2, the study file now gives local_steps=3" in msg
+    assert "1 more cells differ too" in msg and "\n" not in msg
+
+
+def test_a_conflict_stops_the_command_with_one_line(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    finish(study.cells[0], 0.7)
+    write(tmp_path, TINY.replace("local_steps = 2", "local_steps = 3"))
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedplora: error: ") and "local_steps=2" in err and "\n" not in err
+
+
+def test_dry_run_lists_the_cells_and_their_state(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    finish(study.cells[0], 0.7)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells" in out and "done      cells/tweets/iid/fedit-r/seed0" in out
+    assert "todo      cells/tweets/skew/fedit-r2/seed1" in out and "to run: 7 cells, 56 local steps" in out
+
+
+def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    accuracies = [0.70, 0.60, 0.65, 0.55, 0.74, 0.62, 0.61, 0.57]
+    for cell, acc in zip(study.cells, accuracies):
+        finish(cell, acc)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--report-only"]) == 0
+    out = tmp_path / "out"
+    first = {name: (out / name).read_bytes() for name in ("table.json", "report.md")}
+    table = json.loads(first["table.json"])
+    t = table["tables"][0]
+    assert (t["task"], t["partition"], t["metric"]) == ("tweets", "iid", "accuracy")
+    r = t["rows"][0]
+    assert r["label"] == "FedIT R" and r["seeds"] == [0, 1] and r["n"] == 2 and r["paper"] == 70.0
+    assert r["mean"] == pytest.approx(72.0) and r["std"] == pytest.approx(2.8284271247)
+    assert r["up_mb"] == pytest.approx(16.0) and r["down_mb"] == pytest.approx(32.0)
+    assert r["noise"] == {"agg_noise": pytest.approx(0.75), "init_noise": 0.0, "paper_agg_noise": pytest.approx(0.375)}
+    assert r["per_round"]["round"] == [0, 1, 2] and r["per_round"]["accuracy"] == pytest.approx([30.0, 62.0, 72.0])
+    assert t["rows"][1]["paper"] is None and t["rows"][1]["mean"] == pytest.approx(61.0)
+    assert table["cells"] == {"total": 8, "done": 8, "missing": []}
+    report = first["report.md"].decode()
+    assert "| FedIT R | IID | 72.00 ± 2.83 (2) [70.00] |" in report
+    assert "| FedIT R/2 | non-IID | 56.00 ± 1.41 (2) |" in report
+    assert str(tmp_path) not in report and str(tmp_path) not in first["table.json"].decode()
+    for name in ("tweets-iid-metric.png", "tweets-iid-noise.png", "tweets-skew-traffic.png"):
+        assert (out / "plots" / name).is_file()
+    assert "wall s" in (out / "times.md").read_text()
+    # the same cells again (their wall times differ): byte-identical table and report
+    for cell, acc in zip(study.cells, accuracies):
+        finish(cell, acc)
+    write_report(load_study(path, out=out), plots=False)
+    assert {name: (out / name).read_bytes() for name in first} == first
+    # a study elsewhere holding the same cells (copied, e.g. from another machine) gives the same bytes
+    import shutil
+
+    shutil.copytree(out / "cells", tmp_path / "copy" / "cells")
+    write_report(load_study(path, out=tmp_path / "copy"), plots=False)
+    assert {name: (tmp_path / "copy" / name).read_bytes() for name in first} == first
+
+
+def test_a_partial_study_reports_what_is_done_and_lists_the_rest(tmp_path):
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    finish(study.cells[0], 0.7)
+    table = write_report(study, plots=False)
+    assert table["cells"]["done"] == 1 and len(table["cells"]["missing"]) == 7
+    row = table["tables"][0]["rows"][0]
+    assert row["n"] == 1 and row["std"] is None
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| FedIT R | IID | 70.00 (1) [70.00] |" in report and "| FedIT R/2 | IID | — |" in report
+    assert "## Cells not done" in report and "- `cells/tweets/skew/fedit-r2/seed1`" in report
+
+
+def test_a_failed_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    from fedplora.errors import DataError
+    from fedplora.federation import simulation
+    from fedplora.study import STATE_FILE, read_state
+
+    path = write(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0]"))
+    calls = []
+
+    def fake_run(cfg, out, progress=None, *, resume=False):
+        calls.append((Path(out).name, Path(out).parent.name, resume))
+        if Path(out).parent.name == "fedit-r2":
+            raise DataError("tweets: something is wrong with the data")
+        cell = next(c for c in load_study(path, out=tmp_path / "out").cells if c.folder == Path(out))
+        finish(cell, 0.7)
+        return json.loads((Path(out) / "summary.json").read_text())
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert len(calls) == 4
+    state = read_state(tmp_path / "out")
+    assert state["cells"]["cells/tweets/iid/fedit-r2/seed0"]["status"] == "failed"
+    assert state["cells"]["cells/tweets/iid/fedit-r2/seed0"]["error"] == "tweets: something is wrong with the data"
+    assert state["cells"]["cells/tweets/skew/fedit-r/seed0"]["status"] == "done"
+    captured = capsys.readouterr()
+    assert "cell 2/4 FAILED (tweets, IID, FedIT R/2, seed 0)" in captured.out
+    assert "cell 3/4 done (tweets, non-IID, FedIT R, seed 0): accuracy 0.7000" in captured.out
+    assert "2 cells failed" in captured.err and (tmp_path / "out" / STATE_FILE).is_file()
+    # a rerun runs only the failed cells
+    calls.clear()
+    main([str(path), "--out", str(tmp_path / "out"), "--quiet", "--only-cells", "1"])
+    assert calls == [("seed0", "fedit-r2", False)]
+
+
+def test_only_cells_and_the_progress_lines(tmp_path, monkeypatch, capsys):
+    from fedplora.federation import simulation
+
+    path = write(tmp_path, TINY)
+
+    def fake_run(cfg, out, progress=None, *, resume=False):
+        cell = next(c for c in load_study(path, out=tmp_path / "out").cells if c.folder == Path(out))
+        finish(cell, 0.7)
+        return json.loads((Path(out) / "summary.json").read_text())
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet", "--only-cells", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "study tiny: 8 cells, 0 done, 8 to run" in out
+    assert "cell 1/8 starts (tweets, IID, FedIT R, seed 0)" in out
+    assert "cell 3/8 done (tweets, non-IID, FedIT R, seed 0): accuracy 0.7000 in 0s; 5 left, about 0s" in out
+    assert "3 of 8 cells done" in out
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells, 3 done, 5 to run" in out and "cell 4/8 starts" in out and "cell 1/8" not in out
+
+
+def test_the_study_parser_wires_into_a_subparsers_object():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fedplora")
+    sub = parser.add_subparsers(dest="command")
+    add_study_parser(sub)
+    args = parser.parse_args(["study", "x.toml", "--only-cells", "2", "--report-only"])
+    assert (args.command, args.file, args.only_cells, args.report_only, args.dry_run) == ("study", "x.toml", 2,
+                                                                                         True, False)
+
+
+def test_the_shipped_study_files_are_valid(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    demo = load_study(ROOT / "studies" / "demo.toml")
+    assert len(demo.cells) == 12
+    assert {(c.method.label, c.cfg.rank) for c in demo.cells} == {("Fed-PLoRA", 8), ("FedIT R", 8), ("FedIT R/2", 4)}
+    if not (ROOT.parent / "shared" / "data" / "sst2").is_dir():
+        pytest.skip("../shared/data is not here: studies/glue-paper.toml reads its data from there")
+    glue = load_study(ROOT / "studies" / "glue-paper.toml")
+    assert len(glue.cells) == 3 * 2 * 6 * 3
+    c = next(c for c in glue.cells if c.rel == "cells/cola/dir0.01/fedit-r2/seed2")
+    assert (c.cfg.task, c.cfg.rounds, c.cfg.rank, c.cfg.alpha, c.cfg.num_clients, c.cfg.clients_per_round) == \
+        ("cola", 200, 8, 8.0, 100, 10)
+    assert (c.cfg.partitioner, c.cfg.dirichlet_alpha, c.cfg.targets, c.cfg.weighting) == \
+        ("dirichlet_per_client", 0.01, ["query", "value"], "uniform")
+    assert glue.paper["sst2"]["iid"]["fedplora"] == 92.35 and glue.paper["cola"]["dir0.01"]["flora"] == -2.07
+    assert len([v for t in glue.paper.values() for p in t.values() for v in p.values()]) == 36
+    assert main([str(ROOT / "studies" / "glue-paper.toml"), "--dry-run", "--out", "/nonexistent/x"]) == 0
+    assert "108 cells" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ end to end: killed half-way and continued
+def _study_cmd(path: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fedplora.study", str(path), "--out", str(out), "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_a_study_killed_half_way_and_continued_gives_the_uninterrupted_table(tmp_path):
+    """2 methods (FedIT at R and R/2) x 1 partition x 1 seed, 2 rounds: about 4-5 minutes on 2 busy cores
+    (each cell is ~1 minute, mostly Flower's start-up)."""
+    assert SKEW in TINY
+    text = TINY.replace("seeds = [0, 1]", "seeds = [0]").replace(SKEW, "")
+    path = write(tmp_path, text)
+    assert len(load_study(path, out=tmp_path / "x").cells) == 2
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
+    # interrupted: SIGTERM while the second cell is running, after its first checkpoint
+    stopped = tmp_path / "stopped"
+    second = stopped / "cells" / "tweets" / "iid" / "fedit-r2" / "seed0"
+    proc = subprocess.Popen(_study_cmd(path, stopped), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (second / "checkpoint" / "checkpoint.json").is_file():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the second cell never wrote a checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "stopped: 1 of 2 cells done" in out and not (second / "summary.json").exists()
+    import psutil
+
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(second) in " ".join(p.info["cmdline"] or [])], "a process of the stopped cell is still running"
+    # continued: the first cell is skipped, the second continues from its checkpoint
+    done = subprocess.run(_study_cmd(path, stopped), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 cells, 1 done, 1 to run (1 to continue from a checkpoint)" in done.stdout
+    assert "cell 2/2 continues" in done.stdout and "cell 1/2" not in done.stdout
+    # uninterrupted, in another folder
+    whole = tmp_path / "whole"
+    ref = subprocess.run(_study_cmd(path, whole), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert (stopped / "table.json").read_text() == (whole / "table.json").read_text()
+    assert (stopped / "report.md").read_text() == (whole / "report.md").read_text()
+    table = json.loads((whole / "table.json").read_text())
+    assert table["cells"]["done"] == 2 and all(r["n"] == 1 for r in table["tables"][0]["rows"])
