@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .measure import NOISE_KEYS, noise_of
 from .methods import METHODS
 from .reports import write_json
 
@@ -34,6 +35,19 @@ def method_config(cfg: RunConfig, name: str, seed: int, out: Path) -> RunConfig:
     return cfg.with_overrides(**overrides, seed=seed, out=str(out)).validate()
 
 
+# the two noise families (docs/method.md, "Measurements"): history key -> column / axis label
+NOISE_LABELS = {"fn_init_noise": "init noise (function-level)", "fn_agg_noise": "agg noise (function-level)",
+                "paper_init_noise": "init noise (paper, parameter-level)",
+                "paper_agg_noise": "agg noise (paper, per-pair for Fed-PLoRA)"}
+assert set(NOISE_LABELS) == set(NOISE_KEYS)
+
+
+def _nanmean(values) -> float:
+    """Mean of the measured values (a history written before the paper's figures has NaN there: skipped)."""
+    finite = [v for v in values if v == v]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -51,16 +65,20 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "bytes_up_total": statistics.fmean(s["bytes_up_total"] for s in summaries),
             "bytes_down_total": statistics.fmean(s["bytes_down_total"] for s in summaries),
             "wall_s": statistics.fmean(s["wall_s"] for s in summaries),
-            "init_noise_mean": statistics.fmean(h["init_noise"] for h in rounds),
-            "agg_noise_mean": statistics.fmean(h["agg_noise"] for h in rounds),
+            **{f"{key}_mean": _nanmean(noise_of(h, key) for h in rounds) for key in NOISE_KEYS},
+            # the function-level means under their names from before the paper's were added
+            "init_noise_mean": _nanmean(noise_of(h, "fn_init_noise") for h in rounds),
+            "agg_noise_mean": _nanmean(noise_of(h, "fn_agg_noise") for h in rounds),
             "agg_s_mean": statistics.fmean(h.get("agg_s", 0.0) for h in rounds),
             "per_round": {
                 "round": [h["round"] for h in summaries[0]["history"]],
                 summaries[0]["metric"]: [statistics.fmean(s["history"][k]["metrics"].get(summaries[0]["metric"], float("nan"))
                                                           for s in summaries) for k in range(len(summaries[0]["history"]))],
-                "init_noise": [statistics.fmean(s["history"][k]["init_noise"] for s in summaries)
+                **{key: [_nanmean(noise_of(s["history"][k], key) for s in summaries)
+                         for k in range(len(summaries[0]["history"]))] for key in NOISE_KEYS},
+                "init_noise": [_nanmean(noise_of(s["history"][k], "fn_init_noise") for s in summaries)
                                for k in range(len(summaries[0]["history"]))],
-                "agg_noise": [statistics.fmean(s["history"][k]["agg_noise"] for s in summaries)
+                "agg_noise": [_nanmean(noise_of(s["history"][k], "fn_agg_noise") for s in summaries)
                               for k in range(len(summaries[0]["history"]))],
             },
         }
@@ -69,7 +87,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
     metrics = list(next(iter(table.values()))["final"])
-    head = ["method", *[f"{m} (mean ± std)" for m in metrics], "up MB", "down MB", "init noise", "agg noise",
+    head = ["method", *[f"{m} (mean ± std)" for m in metrics], "up MB", "down MB", *NOISE_LABELS.values(),
             "agg ms/round", "wall s"]
     lines = [f"# Comparison on `{cfg.task}` ({cfg.num_clients} clients, {cfg.clients_per_round} per round, "
              f"{cfg.rounds} rounds, R={cfg.rank}, budgets {cfg.ranks} at {':'.join(f'{s:g}' for s in cfg.rank_shares)}, "
@@ -78,12 +96,17 @@ def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
     for name, row in table.items():
         cells = [row["label"], *[f"{row['final'][m]['mean']:.4f} ± {row['final'][m]['std']:.4f}" for m in metrics],
                  f"{row['bytes_up_total'] / 1e6:.2f}", f"{row['bytes_down_total'] / 1e6:.2f}",
-                 f"{row['init_noise_mean']:.3g}", f"{row['agg_noise_mean']:.3g}", f"{1000 * row['agg_s_mean']:.1f}",
+                 *[f"{row.get(f'{key}_mean', float('nan')):.3g}" for key in NOISE_LABELS],
+                 f"{1000 * row['agg_s_mean']:.1f}",
                  f"{row['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Seeds: {next(iter(table.values()))['seeds']}. Noise: initialization = ||dW_global - dW_client_start||_F "
-              "summed over adapted layers (mean over clients and rounds); aggregation = ||mean_i B_i A_i - B_new A_new||_F "
-              "(sample-weighted ideal vs what the server forms). Bytes: arrays actually sent, all rounds."]
+    lines += ["", f"Seeds: {next(iter(table.values()))['seeds']}. Noise, summed over adapted layers, mean over rounds "
+              "(docs/method.md, \"Measurements\"). Function-level: initialization = ||dW_global - dW_client_start||_F "
+              "(mean over the round's clients); aggregation = ||sum_i w_i B_i A_i - B_new A_new||_F (the method's "
+              "weights). Paper (parameter-level): initialization = sum_i (||A - A_i||_F + ||B - B_i||_F), zero-padded "
+              "rank-wise (a sum over the round's clients); aggregation = ||dW* - B_new A_new||_F with the uniform "
+              "dW* = (1/v) sum_i B_i A_i (Fed-PLoRA: per pair over the clients that trained it). "
+              "Bytes: arrays actually sent, all rounds."]
     return "\n".join(lines) + "\n"
 
 
@@ -103,17 +126,27 @@ def plot(table: dict[str, Any], metric: str, out: Path) -> None:
     fig.savefig(out / "comparison_metric.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax in zip(("init_noise", "agg_noise"), axes):
+    plot_noise(table, out / "comparison_noise.png")
+
+
+def plot_noise(table: dict[str, Any], path: Path) -> None:
+    """Both noise families per round, one panel each: function-level (top) and the paper's (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for key, ax in zip(NOISE_LABELS, axes.flat):
         for name, row in table.items():
-            rs, vs = row["per_round"]["round"][1:], row["per_round"][key][1:]
-            ax.plot(rs, [max(v, 1e-12) for v in vs], marker="o", label=name)
-        ax.set(xlabel="round", ylabel=key.replace("_", " "), yscale="log",
-               title=f"{key.replace('_', ' ')} per round (0 shown at 1e-12)")
+            rs, vs = row["per_round"]["round"][1:], row["per_round"].get(key, [])[1:]
+            ax.plot(rs[: len(vs)], [max(v, 1e-12) for v in vs], marker="o", label=name)
+        ax.set(xlabel="round", ylabel=NOISE_LABELS[key], yscale="log",
+               title=f"{NOISE_LABELS[key]} per round (0 shown at 1e-12)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(out / "comparison_noise.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

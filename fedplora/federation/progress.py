@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..measure import noise_of
+
+
+def noise_line(entry: dict[str, Any]) -> str:
+    """Both noise families, compactly: function level (fn) and the paper's parameter-level definitions (paper)."""
+    fig = lambda key: f"{noise_of(entry, key):.2e}"
+    return (f"noise fn init {fig('fn_init_noise')} agg {fig('fn_agg_noise')} | "
+            f"paper init {fig('paper_init_noise')} agg {fig('paper_agg_noise')}")
+
 
 class Progress:
     def __init__(self, console) -> None:
@@ -34,7 +43,7 @@ class Progress:
         self.console.print(
             f"[bold]round {entry['round']}/{rounds}[/bold]  clients {ranks}  {loss}  [green]{value}[/green]  "
             f"up {entry['bytes_up'] / 1e6:.2f} MB  down {entry['bytes_down'] / 1e6:.2f} MB  "
-            f"init-noise {entry['init_noise']:.2e}  agg-noise {entry['agg_noise']:.2e}  {entry['wall_s']:.1f}s{fails}")
+            f"{noise_line(entry)}  {entry['wall_s']:.1f}s{fails}")
 
     def done(self, summary: dict[str, Any], out: Path) -> None:
         if self.console is None:

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .. import rng
 from ..config import RunConfig
-from ..measure import aggregation_noise, init_noise, nbytes
+from ..measure import aggregation_noise, init_noise, nbytes, paper_aggregation_noise, paper_init_noise
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
 from .messages import read_update, task_content
@@ -73,6 +73,13 @@ class Accepted:
                 "bytes_up": nbytes(self.update.arrays), "train_loss": self.loss}
 
 
+def noise_entry(init_fn: float, agg_fn: float, init_paper: float, agg_paper: float) -> dict[str, float]:
+    """A round's noise keys (``measure.NOISE_KEYS``); ``init_noise``/``agg_noise`` repeat the function-level
+    figures under the names histories used before the paper's were added, for readers of those."""
+    return {"fn_init_noise": init_fn, "fn_agg_noise": agg_fn, "paper_init_noise": init_paper,
+            "paper_agg_noise": agg_paper, "init_noise": init_fn, "agg_noise": agg_fn}
+
+
 @dataclasses.dataclass
 class RoundRecord:
     """What happened in one round, for the history."""
@@ -82,8 +89,11 @@ class RoundRecord:
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
-    init_noise: float = 0.0
-    agg_noise: float = 0.0
+    # noise, two families (docs/method.md, "Measurements"): function level, and the paper's definitions
+    fn_init_noise: float = 0.0
+    fn_agg_noise: float = 0.0
+    paper_init_noise: float = 0.0
+    paper_agg_noise: float = 0.0
     agg_s: float = 0.0
     train_loss: float | None = None
     aggregated: bool = False
@@ -96,7 +106,8 @@ class RoundRecord:
     def entry(self) -> dict[str, Any]:
         """The round's history entry (metrics and wall time are added by the server loop)."""
         return {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "init_noise": self.init_noise, "agg_noise": self.agg_noise, "agg_s": self.agg_s,
+                **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
+                "agg_s": self.agg_s,
                 "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
                 "clients": self.clients, "failures": self.failures}
 
@@ -202,7 +213,7 @@ class HeteroLoRAStrategy(Strategy):
         if not history:
             metrics = evaluate_fn(0, arrays) if evaluate_fn else None
             history.append({"round": 0, "metrics": dict(metrics or {}), "bytes_up": 0, "bytes_down": 0,
-                            "init_noise": 0.0, "agg_noise": 0.0, "wall_s": 0.0, "clients": []})
+                            **noise_entry(0.0, 0.0, 0.0, 0.0), "wall_s": 0.0, "clients": []})
             self._finish_round(result, history[-1], metrics, arrays, on_round)
         attempts = 1 + (self.cfg.max_round_retries if self.cfg.on_too_few_replies == "retry" else 0)
         for rnd in range(len(history), num_rounds + 1):
@@ -321,14 +332,21 @@ class HeteroLoRAStrategy(Strategy):
         return accepted
 
     def measure(self, old: State, new: State, accepted: list[Accepted]) -> None:
-        """The round's noise figures (docs/method.md) and the weighted train loss, into the round record."""
+        """The round's noise figures, both families (docs/method.md), and the weighted train loss, into the record.
+
+        Function level: mean over clients of ||dW_global - dW_start||_F and ||sum_i w_i B_i A_i - B A||_F.
+        The paper's: sum over clients of ||A - A_i||_F + ||B - B_i||_F, and ||dW* - B A||_F (the method's dW*).
+        """
         tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
         weights = self.method.client_weights(updates)
-        g_old = self.method.global_factors(old)
-        self.record.init_noise = float(np.mean([init_noise(g_old, self.method.client_start_factors(t)) for t in tasks]))
-        self.record.agg_noise = aggregation_noise(
-            weights, [self.method.client_end_factors(t, u) for t, u in zip(tasks, updates)],
-            self.method.global_factors(new))
+        g_old, g_new = self.method.global_factors(old), self.method.global_factors(new)
+        rec = self.record
+        rec.fn_init_noise = float(np.mean([init_noise(g_old, self.method.client_start_factors(t)) for t in tasks]))
+        rec.fn_agg_noise = aggregation_noise(
+            weights, [self.method.client_end_factors(t, u) for t, u in zip(tasks, updates)], g_new)
+        rec.paper_init_noise = paper_init_noise(self.method.global_pairs(old),
+                                                [self.method.client_start_pairs(t) for t in tasks])
+        rec.paper_agg_noise = paper_aggregation_noise(self.method.paper_ideal_factors(old, tasks, updates), g_new)
         losses = [a.loss for a in accepted]
         self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..adapters import PLoRAConfig, get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
 from ..errors import UpdateRejected
-from ..measure import LayerFactors
+from ..measure import LayerFactors, LayerPairs, mean_of_products
 
 State = dict[str, torch.Tensor]
 # What every upload carries, whatever the client's base dtype or quantization: the adapters' float32 masters.
@@ -133,6 +133,20 @@ class FederatedMethod(ABC):
     @abstractmethod
     def client_end_factors(self, task: ClientTask, update: ClientUpdate) -> LayerFactors:
         """The client's whole local adapter after training."""
+
+    # the paper's noise definitions (docs/method.md, "Measurements"): parameters, not functions
+    def global_pairs(self, state: State) -> LayerPairs:
+        """The paper's global "A, B": per layer the stored pairs (A, B), unscaled (R pairs a layer)."""
+        return {layer: (state[layer + A_SUFFIX], state[layer + B_SUFFIX]) for layer in layer_names(state)}
+
+    def client_start_pairs(self, task: ClientTask) -> LayerPairs:
+        """The paper's "A_i, B_i": the pairs the client starts training from, unscaled; fewer than R pairs
+        are compared rank-wise with the global ones (zero-padded, ``measure.padded_distance``)."""
+        return self.global_pairs(task.arrays)
+
+    def paper_ideal_factors(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> LayerFactors:
+        """The paper's dW* = (1/v) sum_i B_i A_i (uniform over the v clients), from the clients' end adapters."""
+        return mean_of_products([self.client_end_factors(t, u) for t, u in zip(tasks, updates)])
 
     # ------------------------------------------------------------ validation
     @abstractmethod

@@ -26,7 +26,7 @@ from torch import nn
 from .. import rng
 from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..adapters.model import A_SUFFIX, B_SUFFIX
-from ..measure import LayerFactors
+from ..measure import LayerFactors, LayerPairs, per_pair_mean_of_products
 from .base import (
     ClientInfo,
     ClientTask,
@@ -166,3 +166,28 @@ class FedPLoRA(FederatedMethod):
             B[:, idx] = update.arrays[layer + B_SUFFIX]
             full[layer + A_SUFFIX], full[layer + B_SUFFIX] = A, B
         return self.global_factors(full)
+
+    # the paper's noise definitions (docs/method.md, "Measurements")
+    def client_start_pairs(self, task: ClientTask) -> LayerPairs:
+        # all R pairs as the client holds them: its selected pairs at their global values, the others folded
+        # at their global values (fold: no parameter-level noise) or zero (drop)
+        return self.global_pairs(self.start_arrays(task))
+
+    def paper_ideal_factors(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> LayerFactors:
+        """The paper's dW* per pair over Q_j: sum_j (1/|Q_j|) sum_{i in Q_j} b_ij a_ij^T, uniform whatever
+        ``weighting``. With ``aggregate_over="all"`` Q_j is every sampled client, one that did not train j
+        counting with pair j at its global value (what that aggregation averages over)."""
+        s, out = self.plora.scale, {}
+        for layer in layer_names(state):
+            A_old, B_old = state[layer + A_SUFFIX].double(), state[layer + B_SUFFIX].double()
+            trained = []
+            for task, u in zip(tasks, updates):
+                idx = task.config["indices"][layer]
+                A, B = u.arrays[layer + A_SUFFIX].double(), u.arrays[layer + B_SUFFIX].double()
+                if self.aggregate_over == "all":
+                    A_full, B_full = A_old.clone(), B_old.clone()
+                    A_full[idx], B_full[:, idx] = A, B
+                    idx, A, B = list(range(self.rank)), A_full, B_full
+                trained.append((idx, s * B, A))
+            out[layer] = per_pair_mean_of_products((s * B_old, A_old), trained)
+        return out

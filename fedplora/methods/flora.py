@@ -15,7 +15,7 @@ from .. import rng
 from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_plora_state_dict
 from ..adapters.layer import init_pairs_A_
 from ..adapters.model import A_SUFFIX, B_SUFFIX
-from ..measure import LayerFactors
+from ..measure import LayerFactors, LayerPairs
 from .base import (
     ClientInfo,
     ClientTask,
@@ -161,4 +161,28 @@ class FLoRA(FederatedMethod):
             B, A = update.arrays[layer + B_SUFFIX], update.arrays[layer + A_SUFFIX]
             out[layer] = (torch.cat([D, self.plora.scale * B.to(D.dtype)], dim=1),
                           torch.cat([eye, A.to(D.dtype)], dim=0))
+        return out
+
+    # the paper's noise definitions (docs/method.md, "Measurements")
+    def global_pairs(self, state: State) -> LayerPairs:
+        """No global pairs: every earlier round is merged into D (which the client holds exactly), so the
+        global adapter a client could continue from is empty (rank 0, zero-padded by the measure)."""
+        return {layer: (D.new_zeros(0, D.shape[1]), D.new_zeros(D.shape[0], 0)) for layer, D in _deltas(state).items()}
+
+    def client_start_pairs(self, task: ClientTask) -> LayerPairs:
+        """The fresh rank-r_i adapter of ``client_setup`` (the same seeded A, B = 0), redrawn here."""
+        rank, out = task.config["rank"], {}
+        for k, (layer, D) in enumerate(_deltas(task.arrays).items()):
+            A = torch.empty(self.rank, D.shape[1], dtype=D.dtype)  # D's dtype is the pairs' master dtype
+            init_pairs_A_(A, self.plora.init_a, fresh_generator(task.config["init_seed"], k))
+            out[layer] = (A[:rank], torch.zeros(D.shape[0], rank, dtype=D.dtype))
+        return out
+
+    def paper_ideal_factors(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> LayerFactors:
+        """D + (1/v) sum_i s B_i A_i: the default's mean of the clients' end adapters, D stacked once not v times."""
+        v, s, out = len(updates), self.plora.scale, {}
+        for layer, (D, eye) in self.global_factors(state).items():
+            Bs = [s / v * u.arrays[layer + B_SUFFIX].double() for u in updates]
+            out[layer] = (torch.cat([D.double(), *Bs], dim=1),
+                          torch.cat([eye.double(), *(u.arrays[layer + A_SUFFIX].double() for u in updates)], dim=0))
         return out
