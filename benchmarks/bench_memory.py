@@ -8,9 +8,9 @@ training steps (causal-LM loss) on random token batches of batch x seq. Each con
 
 * CPU: the peak RSS above the child's idle baseline (the RSS after the imports, before the
   model). The kernel's high-water mark (VmHWM) is reset after the model is loaded
-  (``/proc/self/clear_refs`` = 5), so the figure is the training peak (weights + adapters +
-  optimizer + activations), not a transient of the loader (a float32 checkpoint converted to
-  bfloat16, a quantizer's scratch). Loaded weights are copied to anonymous memory first if the
+  (``/proc/self/clear_refs`` = 5) and the heap's free pages given back (``malloc_trim``), so
+  the figure is the training peak (weights + adapters + optimizer + activations), not a
+  transient of the loader (a float32 checkpoint converted to bfloat16, a quantizer's scratch). Loaded weights are copied to anonymous memory first if the
   loader left any of them mapped from the safetensors file, so file-backed pages are counted
   once; RssFile and RssAnon are recorded for every cell to show it.
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the same point.
@@ -72,8 +72,8 @@ def cell_key(model: str, cell: dict) -> str:
 def cells(model: str) -> list[tuple[int, dict]]:
     """The measured grid of one model as (tier, cell): tier 0 is the rank sweep of each fold and one factor
     at a time; tier 1 the rank sweep again for the cheapest and the costliest variant (SmolLM2) and a few
-    two-factor cells that separate the activation coefficients per dtype and mode. A Llama-1B cell takes
-    minutes here, so its sweeps are r in {1, 4, 8, 16} first and r = 2 last. The grid runs tier by tier."""
+    two-factor cells that separate the activation coefficients per dtype and mode. Llama-1B's sweeps are
+    r in {1, 4, 8, 16} first and r = 2 last, and it has no float16 or 8bit cell (too slow on this CPU). The grid runs tier by tier."""
     base = BASE[model]
     out: list[tuple[int, dict]] = []
 
@@ -86,9 +86,11 @@ def cells(model: str) -> list[tuple[int, dict]]:
     for fold in ("branch", "merge"):  # what a lower rank saves, under each fold
         for r in RANKS:
             add(2 if big and r == 2 else 0, rank=r, fold=fold)
-    for dtype in ("bfloat16", "float16"):
+    # float16 matmuls on this CPU are ~25x slower than float32 (SmolLM2: 65 s a step), and bitsandbytes' CPU
+    # int8 path computes in float16: for Llama-1B these cells would take over 10 minutes each
+    for dtype in ("bfloat16",) if big else ("bfloat16", "float16"):
         add(0, dtype=dtype)
-    for q in ("8bit", "4bit"):
+    for q in ("4bit",) if big else ("8bit", "4bit"):
         add(0, quantization=q)
     b, s = base["batch"], base["seq"]
     add(0, batch=b * 4)
@@ -155,8 +157,17 @@ def proc_status() -> dict[str, int]:
     return out
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``): a quantizing load frees its
+    temporaries into a fragmented heap that would otherwise stay in the RSS (Llama-1B NF4: about 440 MiB)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak(device) -> None:
     gc.collect()
+    release_free_heap()
     if device.type == "cuda":
         import torch
 
@@ -227,7 +238,9 @@ def measure(model_name: str, cell: dict, steps: int, device_name: str) -> dict:
         opt.zero_grad(set_to_none=True)
     step_s = (time.perf_counter() - t1) / steps
     end = proc_status()
-    out = {"model": model_name, **cell, "steps": steps, "device": device.type, "load_s": round(load_s, 1),
+    out = {"model": model_name, **cell, "steps": steps, "device": device.type, "malloc_trim": True,
+           "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+           "load_s": round(load_s, 1),
            "step_s": round(step_s, 2), "loss": round(loss.item(), 3)}
     if device.type == "cuda":
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -257,11 +270,18 @@ def model_entry(model: str) -> dict:
     return {k: getattr(config, k) for k in keep}
 
 
+# glibc's mmap threshold, fixed at its default starting value instead of growing with every freed block:
+# each large tensor then has its own mapping, given back when freed, so the RSS follows what training holds.
+# With the dynamic threshold, identical runs differ by up to ~150 MiB (SmolLM2) depending on what the heap
+# happened to retain. A client can set the same variable.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def run_child(model: str, cell: dict, steps: int, device: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps({"model": model, "cell": cell}),
            "--steps", str(steps), "--device", device]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **CHILD_ENV})
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"model": model, **cell, "error": " | ".join(tail)}

@@ -185,13 +185,16 @@ def fixed_bytes(arch: Arch, c: dict, global_rank: int) -> int:
 
 
 def design_row(arch: Arch, c: dict, global_rank: int, device: str = "cpu") -> list[float]:
-    """[constant, merge copy, activation features without checkpointing, the same with checkpointing]. The
-    merge copy gets a fitted coefficient: on the CPU the rebuilt layers' temporaries stay in the process's
-    heap beside the copy itself (docs/memory.md)."""
+    """[constant, merge copy, quantized weights (8bit, 4bit), activation features without checkpointing, the
+    same with checkpointing]. The merge copy and the quantized weights get fitted coefficients beside their
+    exact size: on the CPU the rebuilt layers' temporaries stay in the process's heap beside the copy, and
+    bitsandbytes holds more than the packed weights (docs/memory.md)."""
     merge = merge_copy_bytes(arch, c["dtype"], c["fold"], c["rank"], global_rank) if device == "cpu" else 0
+    linear = sum(i * o for i, o in arch.linear)
+    quantized = [linear if c["quantization"] == q else 0 for q in ("8bit", "4bit")]
     f = activation_features(arch, c["dtype"], c["batch"], c["seq"])
     zero = [0.0] * len(f)
-    return [1.0, float(merge)] + (zero + f if c["ckpt"] else f + zero)
+    return [1.0, float(merge), *map(float, quantized)] + (zero + f if c["ckpt"] else f + zero)
 
 
 @lru_cache(maxsize=1)
@@ -209,9 +212,9 @@ def predict(arch: Arch, c: dict, global_rank: int, device: str = "cpu", model: d
 
 
 def _nnls(rows: list[list[float]], rest: list[float], peaks: list[float]) -> list[float]:
-    """Non-negative least squares of ``rest`` (measured peak - exact parts) weighted by 1 / measured peak, so
-    each cell's relative error counts (the acceptance is 10% of every cell): drop the most negative term and
-    refit until none is."""
+    """Least squares of ``rest`` (measured peak - exact parts) weighted by 1 / measured peak, so each cell's
+    relative error counts (the acceptance is 10% of every cell), with every coefficient but the constant
+    (column 0) kept non-negative: drop the most negative one and refit until none is."""
     import numpy as np
 
     X, y, w = np.asarray(rows, dtype=float), np.asarray(rest, dtype=float), 1.0 / np.asarray(peaks, dtype=float)
@@ -219,11 +222,12 @@ def _nnls(rows: list[list[float]], rest: list[float], peaks: list[float]) -> lis
     active = [j for j in range(X.shape[1]) if np.abs(X[:, j]).max() > 0]
     while True:
         sol, *_ = np.linalg.lstsq((X[:, active] / scale[active]) * w[:, None], y * w, rcond=None)
-        if sol.min() >= 0 or len(active) == 1:
+        negative = [(v, k) for k, (v, j) in enumerate(zip(sol, active)) if j != 0 and v < 0]
+        if not negative:
             coef = np.zeros(X.shape[1])
             coef[active] = sol / scale[active]
             return coef.tolist()
-        active.pop(int(np.argmin(sol)))
+        active.pop(min(negative)[1])
 
 
 def measured_cells(results: dict) -> list[dict]:
@@ -241,7 +245,7 @@ def fit(results: dict) -> dict:
         rest.append(c["peak_bytes"] - fixed_bytes(arch, c, rank))
     idle = sorted(c["idle_rss"] for c in cells if "idle_rss" in c)
     return {"about": "fitted by benchmarks/bench_memory.py --fit; fedplora/planner.py, docs/memory.md",
-            "global_rank": rank, "features": ["constant", "merge_copy", *FEATURES, *(f"{f}_ckpt" for f in FEATURES)],
+            "global_rank": rank, "features": ["constant", "merge_copy", "weights_8bit", "weights_4bit", *FEATURES, *(f"{f}_ckpt" for f in FEATURES)],
             "coefficients": _nnls(rows, rest, [c["peak_bytes"] for c in cells]),
             "runtime_bytes": idle[len(idle) // 2] if idle else 0, "cells": len(cells)}
 

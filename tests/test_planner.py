@@ -165,3 +165,22 @@ def test_max_memory_too_small_is_refused(monkeypatch):
         client_budget(_node("20MB"), cfg, 0, 1)
     with pytest.raises(ConfigError, match="memory: cannot read"):
         device_settings(cfg, _node("lots"))
+
+
+# ---------------------------------------------------------------- the benchmark's child runner
+@pytest.mark.slow
+def test_benchmark_child_measures_one_cell():
+    """One tiny SmolLM2 cell through the benchmark's own child process (about 10 s)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cell = dict(bench.BASE["smollm2"], batch=1, seq=16)
+    result = bench.run_child("smollm2", cell, steps=1, device="cpu", timeout=300)
+    assert "error" not in result, result
+    arch = planner.architecture(planner.load_config())
+    weights = planner.weight_bytes(arch, "float32", "none")
+    assert weights < result["peak_bytes"] < 2 * weights  # the weights and a tiny batch's activations
+    assert result["mmap_threshold"] == bench.CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]
