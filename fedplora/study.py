@@ -367,6 +367,8 @@ def fmt_duration(seconds: float) -> str:
 def estimate_left(todo: list[Cell], durations: dict[str, list[float]]) -> str:
     """Time left: each remaining cell at the mean time of its task's cells so far (else of all cells)."""
     every = [d for ds in durations.values() for d in ds]
+    if not todo:
+        return "none"
     if not every:
         return "no estimate before the first cell ends"
     overall = statistics.fmean(every)
@@ -379,6 +381,7 @@ class Stop(Exception):
 
 
 def _raise_stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
     raise Stop()
 
 
@@ -426,7 +429,7 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
             failed.append(cell)
             left = todo[k + 1:]
             log(f"cell {cell.index}/{n} FAILED ({cell.describe()}) after {fmt_duration(seconds)}: {line}; "
-                f"{len(left)} left, {estimate_left(left, durations)}")
+                f"{len(left)} left" + (f", {estimate_left(left, durations)}" if left else ""))
             continue
         seconds = time.monotonic() - t0
         durations.setdefault(cell.task.name, []).append(seconds)
@@ -438,7 +441,7 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
         value = summary["final"].get(metric)
         left = todo[k + 1:]
         log(f"cell {cell.index}/{n} done ({cell.describe()}): {metric} "
-            f"{value:.4f} in {fmt_duration(seconds)}; {len(left)} left, {estimate_left(left, durations)}"
+            f"{value:.4f} in {fmt_duration(seconds)}; {len(left)} left" + (f", {estimate_left(left, durations)}" if left else "")
             if isinstance(value, (int, float)) else
             f"cell {cell.index}/{n} done ({cell.describe()}) in {fmt_duration(seconds)}; {len(left)} left")
     left = len(todo) - len(ran)
@@ -516,9 +519,30 @@ def _read_summary(cell: Cell) -> dict[str, Any] | None:
     return json.loads((cell.folder / "summary.json").read_text())
 
 
+SIGNIFICANT = 10  # digits kept of every number in table.json (see _round)
+
+
+def _round(value: Any) -> Any:
+    """Every float to SIGNIFICANT significant digits, recursively.
+
+    A run continued from a checkpoint can differ from an uninterrupted one in the last bit of a noise
+    measure (seen: agg_noise 0.2936071215232374 vs ...375 in the round after the resume, the model and its
+    metrics equal), so full float64 digits would make a stopped-and-continued study's table differ from an
+    uninterrupted one's in digits that mean nothing. 10 digits keep every figure far beyond what it measures.
+    """
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
 def build_table(study: Study) -> dict[str, Any]:
     """table.json: per task x partition, one row per method (mean ± std over the finished seeds). Deterministic:
-    only the cells' results and the study file go in (no times, no absolute paths)."""
+    only the cells' results and the study file go in (no times, no absolute paths), numbers rounded to
+    SIGNIFICANT digits."""
     summaries = {c.rel: _read_summary(c) for c in study.cells}
     scale = 100.0 if study.percent else 1.0
     tables = []
@@ -543,10 +567,10 @@ def build_table(study: Study) -> dict[str, Any]:
             tables.append({"task": task.name, "task_label": task.label, "partition": part.name,
                            "partition_label": part.label, "metric": metric, "rows": rows})
     done = sum(s is not None for s in summaries.values())
-    return {"study": study.name, "units": "percent" if study.percent else "as measured",
+    return _round({"study": study.name, "units": "percent" if study.percent else "as measured",
             "seeds": study.seeds, "cells": {"total": len(study.cells), "done": done,
                                             "missing": [c.rel for c in study.cells if summaries[c.rel] is None]},
-            "tables": tables}
+            "tables": tables})
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -628,14 +652,20 @@ def _find(table: dict[str, Any], task: str, part: str, method: str) -> dict[str,
 
 def times_markdown(study: Study) -> str:
     """Wall times per cell, from the cells' summaries: outside report.md because they differ between sessions."""
-    lines = [f"# Wall times of study `{study.name}`", "", "| cell | wall s |", "|---|---|"]
-    total = 0.0
+    state = read_state(study.out)["cells"]
+    lines = [f"# Wall times of study `{study.name}`", "",
+             "Run time: the run's own clock (summary.json wall_s). With start-up: the study's clock around the cell "
+             "in its last session (study-state.json; Flower and Ray start-up included, a resumed cell's earlier "
+             "sessions not).", "", "| cell | run time s | with start-up s |", "|---|---|---|"]
+    total = total_cell = 0.0
     for c in study.cells:
         s = _read_summary(c)
         if s is not None:
             total += s.get("wall_s", 0.0)
-            lines.append(f"| `{c.rel}` | {s.get('wall_s', 0.0):.0f} |")
-    lines += ["", f"Total: {fmt_duration(total)} of run time (start-up of each cell's Flower processes not counted).", ""]
+            seconds = state.get(c.rel, {}).get("seconds")
+            total_cell += seconds or 0.0
+            lines.append(f"| `{c.rel}` | {s.get('wall_s', 0.0):.0f} | {'—' if seconds is None else f'{seconds:.0f}'} |")
+    lines += ["", f"Total: {fmt_duration(total)} of run time, {fmt_duration(total_cell)} with start-up.", ""]
     return "\n".join(lines)
 
 
@@ -645,6 +675,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -662,6 +693,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
         for r in rows:
             ax.plot(*series(r, t["metric"]), marker="o", markersize=3, label=r["label"])
         ax.set(xlabel="round", ylabel=t["metric"], title=f"{title}: {t['metric']} per round (mean over seeds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -681,6 +713,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
                             ax.plot(*zip(*pts), marker="o", markersize=3, label=r["label"])
                 ax.set(xlabel="round", ylabel=key.replace("_", " "), yscale="log",
                        title=f"{key.replace('_', ' ')} (0 shown at 1e-12)")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=8)
             fig.suptitle(title)
