@@ -776,6 +776,7 @@ def study_main(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(study)
         return 0
+    check_conflicts(study)  # also for --report-only: a cell run with other settings is never reported as this study's
     if not args.report_only:
         previous = signal.signal(signal.SIGTERM, _raise_stop)
         try:

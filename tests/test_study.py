@@ -216,6 +216,8 @@ def test_a_conflict_stops_the_command_with_one_line(tmp_path, capsys):
     assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedplora: error: ") and "local_steps=2" in err and "\n" not in err
+    assert main([str(path), "--out", str(tmp_path / "out"), "--report-only"]) == 2
+    assert "local_steps=2" in capsys.readouterr().err and not (tmp_path / "out" / "table.json").exists()
 
 
 def test_dry_run_lists_the_cells_and_their_state(tmp_path, capsys):
