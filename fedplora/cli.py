@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="each SuperNode's own budget (its node config max-rank), e.g. 2,4,8")
     dep.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     add_plan_parser(sub)
+    from .study import add_study_parser
+
+    add_study_parser(sub)
     # added after the parsers that copy ``run``'s flags: only ``fedplora run`` resumes
     run.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR after its last checkpointed "
                                                       "round, with its own settings (DIR/config.toml)")
@@ -156,7 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 dtype=args.dtype, fold=args.fold, device=device)
     print(f"model: {args.model or 'embedded SmolLM2-135M-Instruct'} ({arch.model_type}, "
           f"{arch.parameters / 1e6:.1f}M parameters, {len(arch.targets)} adapted layers)")
-    print(f"memory: {format_bytes(memory)} for R={args.rank}, batch {args.batch_size} x {args.max_seq_len} tokens, "
+    print(f"memory: {args.memory} = {format_bytes(memory)} for R={args.rank}, batch {args.batch_size} x {args.max_seq_len} tokens, "
           f"{args.dtype}, fold {args.fold}, {device}")
     print(f"plan: {chosen.describe()}")
     print("alternatives (the best fit of each mode):")
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_deploy_local(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "study":
+            from .study import study_main
+
+            return study_main(args)
     except FedploraError as e:  # a problem the user can fix: one line, no traceback
         print(f"fedplora: error: {e}", file=sys.stderr)
         return 2
