@@ -376,8 +376,9 @@ def estimate_left(todo: list[Cell], durations: dict[str, list[float]]) -> str:
     return f"about {fmt_duration(total)}"
 
 
-class Stop(Exception):
-    """SIGTERM: raised in the main thread so the running cell's processes are stopped (its ``finally``)."""
+class Stop(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: no ``except Exception`` swallows it,
+    and the running cell's ``finally`` stops its processes."""
 
 
 def _raise_stop(signum, frame) -> None:
