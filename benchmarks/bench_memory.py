@@ -358,6 +358,23 @@ def fit_and_report(path: Path) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"{len(errors)} cells; max |error| {max(map(abs, errors)):.1%}; mean |error| "
           f"{sum(map(abs, errors)) / len(errors):.1%}; coefficients in {planner.MODEL_FILE}")
+    held_out = leave_one_out(data)
+    print(f"leave-one-out (each cell predicted by a fit without it): max |error| {max(map(abs, held_out)):.1%}; "
+          f"mean |error| {sum(map(abs, held_out)) / len(held_out):.1%}")
+
+
+def leave_one_out(data: dict) -> list[float]:
+    """Each cell's relative error under a fit to all the other cells: how well the model generalizes."""
+    from fedplora import planner
+
+    cells_ = planner.measured_cells(data)
+    errors = []
+    for i, c in enumerate(cells_):
+        model = planner.fit({**data, "cells": cells_[:i] + cells_[i + 1:]})
+        arch = planner.architecture(data["models"][c["model"]])
+        errors.append((planner.predict(arch, c, model["global_rank"], model=model) - c["peak_bytes"])
+                      / c["peak_bytes"])
+    return errors
 
 
 def estimate(models: list[str], steps: int, device: str, timeout: float) -> None:

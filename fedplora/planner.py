@@ -94,7 +94,8 @@ def load_config(ref: str | dict | None = None, cache_dir: str | None = None):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise DataError(f"model: cannot read the config of {ref or path!r} ({e})") from None
+        reason = " ".join(str(e).split())  # one line, whatever the hub client wrote
+        raise DataError(f"model: cannot read the config of {ref or path!r} ({reason})") from None
 
 
 @lru_cache(maxsize=16)

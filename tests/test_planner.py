@@ -109,9 +109,9 @@ def test_merge_plans_only_float_bases(smollm2):
 
 # ---------------------------------------------------------------- CLI
 def test_cli_plan(capsys):
-    assert main(["plan", "--memory", "2GB", "--batch-size", "8", "--max-seq-len", "128"]) == 0
+    assert main(["plan", "--memory", "2GB", "--batch-size", "2", "--max-seq-len", "128"]) == 0
     out = capsys.readouterr().out
-    assert "plan: rank 8, batch 8, quantization none, gradient checkpointing off" in out
+    assert "plan: rank 8, batch 2, quantization none, gradient checkpointing off" in out
     assert "alternatives" in out and "4bit" in out
 
 
@@ -119,6 +119,7 @@ def test_cli_plan(capsys):
     (["--memory", "2XB"], "memory: cannot read '2XB'"),
     (["--memory", "20MB"], "too little"),
     (["--memory", "2GB", "--model", "/nonexistent/model"], "model"),
+    (["--memory", "2GB", "--model", "nobody-here/no-such-model"], "model: cannot read the config"),  # offline
 ])
 def test_cli_plan_errors_are_one_line(capsys, args, message):
     assert main(["plan", *args]) == 2
