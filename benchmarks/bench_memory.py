@@ -10,9 +10,13 @@ training steps (causal-LM loss) on random token batches of batch x seq. Each con
   model). The kernel's high-water mark (VmHWM) is reset after the model is loaded
   (``/proc/self/clear_refs`` = 5) and the heap's free pages given back (``malloc_trim``), so
   the figure is the training peak (weights + adapters + optimizer + activations), not a
-  transient of the loader (a float32 checkpoint converted to bfloat16, a quantizer's scratch). Loaded weights are copied to anonymous memory first if the
-  loader left any of them mapped from the safetensors file, so file-backed pages are counted
-  once; RssFile and RssAnon are recorded for every cell to show it.
+  transient of the loader (a float32 checkpoint converted to bfloat16, a quantizer's scratch).
+  A float load with no conversion keeps the weights mapped from the safetensors file and pages
+  them in during the step: they count once, as RssFile (VmHWM is anonymous + file + shmem);
+  a loader that left over 32 MiB paged in before the reset would have its weights copied to
+  anonymous memory first. RssFile and RssAnon are recorded for every cell to show it.
+  Children run with a fixed glibc mmap threshold (``CHILD_ENV``) so the RSS follows what
+  training holds, not what the heap happened to keep.
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the same point.
 
 Models: ``smollm2`` (the embedded SmolLM2-135M-Instruct, float32 safetensors in the cache) and
@@ -73,7 +77,8 @@ def cells(model: str) -> list[tuple[int, dict]]:
     """The measured grid of one model as (tier, cell): tier 0 is the rank sweep of each fold and one factor
     at a time; tier 1 the rank sweep again for the cheapest and the costliest variant (SmolLM2) and a few
     two-factor cells that separate the activation coefficients per dtype and mode. Llama-1B's sweeps are
-    r in {1, 4, 8, 16} first and r = 2 last, and it has no float16 or 8bit cell (too slow on this CPU). The grid runs tier by tier."""
+    r in {1, 4, 8, 16} first and r = 2 last, and it has no float16 or 8bit cell (too slow on this CPU).
+    The grid runs tier by tier."""
     base = BASE[model]
     out: list[tuple[int, dict]] = []
 

@@ -117,9 +117,10 @@ def _arch(config_json: str, head: str, targets: tuple[str, ...] | None) -> Arch:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier"):
             linear.append((module.in_features, module.out_features))
-            bias += 0 if module.bias is None else module.bias.numel()
             quantized.add(id(module.weight))
-            quantized.add(id(module.bias))
+            if module.bias is not None:
+                bias += module.bias.numel()
+                quantized.add(id(module.bias))
         if isinstance(module, nn.Linear) and _matches(name, wanted):
             target_dims.append((module.in_features, module.out_features))
     plain = sum(p.numel() for p in model.parameters() if id(p) not in quantized)  # tied weights counted once
@@ -246,7 +247,9 @@ def fit(results: dict) -> dict:
         rest.append(c["peak_bytes"] - fixed_bytes(arch, c, rank))
     idle = sorted(c["idle_rss"] for c in cells if "idle_rss" in c)
     return {"about": "fitted by benchmarks/bench_memory.py --fit; fedplora/planner.py, docs/memory.md",
-            "global_rank": rank, "features": ["constant", "merge_copy", "weights_8bit", "weights_4bit", *FEATURES, *(f"{f}_ckpt" for f in FEATURES)],
+            "global_rank": rank,
+            "features": ["constant", "merge_copy", "weights_8bit", "weights_4bit", *FEATURES,
+                         *(f"{f}_ckpt" for f in FEATURES)],
             "coefficients": _nnls(rows, rest, [c["peak_bytes"] for c in cells]),
             "runtime_bytes": idle[len(idle) // 2] if idle else 0, "cells": len(cells)}
 
