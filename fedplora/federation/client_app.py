@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from .. import rng
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
-from ..hardware import enable_gradient_checkpointing, resolve_device
+from ..hardware import enable_gradient_checkpointing, resolve_device, steady_allocator
 from ..methods import make_method
 from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
@@ -125,6 +125,7 @@ class ClientRuntime:
 
     def __init__(self, cfg: RunConfig, cpus: float) -> None:
         torch.set_num_threads(max(1, int(cpus)))
+        steady_allocator()
         self.cfg = cfg
         self.task = make_task(cfg)
         train, _ = self.task.load_splits()
