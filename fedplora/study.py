@@ -442,7 +442,8 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
         value = summary["final"].get(metric)
         left = todo[k + 1:]
         log(f"cell {cell.index}/{n} done ({cell.describe()}): {metric} "
-            f"{value:.4f} in {fmt_duration(seconds)}; {len(left)} left" + (f", {estimate_left(left, durations)}" if left else "")
+            f"{value:.4f} in {fmt_duration(seconds)}; {len(left)} left"
+            + (f", {estimate_left(left, durations)}" if left else "")
             if isinstance(value, (int, float)) else
             f"cell {cell.index}/{n} done ({cell.describe()}) in {fmt_duration(seconds)}; {len(left)} left")
     left = len(todo) - len(ran)
@@ -624,7 +625,8 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in t["rows"]:
             if not r["n"]:
-                lines.append("| " + " | ".join([r["label"], "—", "0", _num(r["paper"], digits)] + ["—"] * (len(head) - 4)) + " |")
+                empty = [r["label"], "—", "0", _num(r["paper"], digits)] + ["—"] * (len(head) - 4)
+                lines.append("| " + " | ".join(empty) + " |")
                 continue
             lines.append("| " + " | ".join([
                 r["label"], _ours(r, digits), ",".join(map(str, r["seeds"])), _num(r["paper"], digits),
@@ -665,7 +667,8 @@ def times_markdown(study: Study) -> str:
             total += s.get("wall_s", 0.0)
             seconds = state.get(c.rel, {}).get("seconds")
             total_cell += seconds or 0.0
-            lines.append(f"| `{c.rel}` | {s.get('wall_s', 0.0):.0f} | {'—' if seconds is None else f'{seconds:.0f}'} |")
+            with_start = "—" if seconds is None else f"{seconds:.0f}"
+            lines.append(f"| `{c.rel}` | {s.get('wall_s', 0.0):.0f} | {with_start} |")
     lines += ["", f"Total: {fmt_duration(total)} of run time, {fmt_duration(total_cell)} with start-up.", ""]
     return "\n".join(lines)
 
