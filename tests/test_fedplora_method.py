@@ -79,21 +79,8 @@ def test_all_ranks_equal_is_exactly_fedit(ids):
 def test_aggregation_matches_hand_computed_example():
     cfg = PLoRAConfig(rank=4, alpha=4, target_modules=["query"], modules_to_save=["classifier"])
     layer = "L"
-    state = {
-        layer + ".plora_A": torch.arange(8, dtype=torch.float32).reshape(4, 2),  # rows 0..3
-        layer + ".plora_B": -torch.arange(12, dtype=torch.float32).reshape(3, 4),
-        "head.weight": torch.zeros(2, 2),
-    }
+    state, (t1, t2), (u1, u2) = _two_client_example()
     method = FedPLoRA(cfg)
-    from fedplora.methods.base import ClientTask
-    t1 = ClientTask(arrays=state, config={"rank": 2, "indices": {layer: [0, 1]}})
-    t2 = ClientTask(arrays=state, config={"rank": 1, "indices": {layer: [1]}})
-    u1 = ClientUpdate({layer + ".plora_A": torch.tensor([[1., 1.], [2., 2.]]),
-                       layer + ".plora_B": torch.tensor([[1., 2.], [1., 2.], [1., 2.]]),
-                       "head.weight": torch.ones(2, 2)}, {"indices": {layer: [0, 1]}}, num_samples=30)
-    u2 = ClientUpdate({layer + ".plora_A": torch.tensor([[6., 10.]]),
-                       layer + ".plora_B": torch.tensor([[10.], [10.], [10.]]),
-                       "head.weight": 5 * torch.ones(2, 2)}, {"indices": {layer: [1]}}, num_samples=10)
     new = method.aggregate(state, [t1, t2], [u1, u2])
     A, B = new[layer + ".plora_A"], new[layer + ".plora_B"]
     assert torch.equal(A[0], torch.tensor([1., 1.]))                    # only client 1 trained pair 0
