@@ -33,7 +33,7 @@ PATH_SETTINGS = ("model", "data_dir", "dataset", "cache_dir")  # read from the d
 # Flower's own chatter in the streamed log, dropped from the console (kept in simulation.log)
 NOISE = ("INFO :", "\x1b[92mINFO", "Successfully started run", "Successfully installed", "simulated SuperNodes",
          "To change federation size", "flwr federation simulation-config", "FutureWarning", "warnings.warn(",
-         "Since flwr 1.32")
+         "Since flwr 1.32", "torch.jit.script_method")
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
