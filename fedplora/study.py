@@ -472,10 +472,14 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+# the pre-"fn_" names of the function-level noise, kept in histories as aliases: reported once, under fn_*
+NOISE_ALIASES = {"init_noise": "fn_init_noise", "agg_noise": "fn_agg_noise"}
+
+
 def _noise_keys(history: list[dict[str, Any]]) -> list[str]:
     keys = {k for h in history for k, v in h.items()
             if k.endswith("noise") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return sorted(keys)
+    return sorted(k for k in keys if NOISE_ALIASES.get(k) not in keys)
 
 
 def _row(method: Entry, metric: str, summaries: list[dict[str, Any]], scale: float) -> dict[str, Any]:

@@ -426,3 +426,13 @@ def test_a_study_killed_half_way_and_continued_gives_the_uninterrupted_table(tmp
     assert (stopped / "report.md").read_text() == (whole / "report.md").read_text()
     table = json.loads((whole / "table.json").read_text())
     assert table["cells"]["done"] == 2 and all(r["n"] == 1 for r in table["tables"][0]["rows"])
+
+
+def test_function_level_noise_is_reported_once_under_its_fn_name():
+    from fedplora.study import _noise_keys
+
+    new = [{"round": 1, "init_noise": 0.0, "agg_noise": 2.0, "fn_init_noise": 0.0, "fn_agg_noise": 2.0,
+            "paper_init_noise": 0.0, "paper_agg_noise": 0.5}]
+    assert _noise_keys(new) == ["fn_agg_noise", "fn_init_noise", "paper_agg_noise", "paper_init_noise"]
+    old = [{"round": 1, "init_noise": 0.0, "agg_noise": 2.0}]  # a run from before the fn_/paper_ names
+    assert _noise_keys(old) == ["agg_noise", "init_noise"]
