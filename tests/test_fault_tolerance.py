@@ -246,7 +246,7 @@ def _small_cfg(assets, **kw):
 
 def _strategy(cfg, grid):
     """The server's strategy on an in-process grid, with the method's initial state as an ArrayRecord."""
-    from fedplora.adapters import get_plora_model, get_plora_state_dict
+    from fedplora.adapters import get_plora_model
     from fedplora.federation.client_app import method_options, plora_config
     from fedplora.federation.strategy import HeteroLoRAStrategy, state_to_arrays
     from fedplora.methods import make_method
@@ -254,7 +254,7 @@ def _strategy(cfg, grid):
 
     model = get_plora_model(make_task(cfg).build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
-    strategy = HeteroLoRAStrategy(method, cfg, dtypes={k: v.dtype for k, v in get_plora_state_dict(model).items()})
+    strategy = HeteroLoRAStrategy(method, cfg)
     strategy.discover(grid, timeout=60)
     return strategy, state_to_arrays(method.init_state(model))
 

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .. import rng
-from ..adapters import get_plora_model, get_plora_state_dict
+from ..adapters import get_plora_model
 from ..config import ConfigError, RunConfig
 from ..errors import FedploraError
 from ..methods import make_method
@@ -64,8 +64,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         (out / "config.toml").write_text(cfg.to_toml())
         # the clients' partitions, as every client computes them: sizes and label histograms
         write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.partition_column))
-    dtypes = {k: v.dtype for k, v in get_plora_state_dict(model).items()}
-    strategy = HeteroLoRAStrategy(method, cfg, dtypes=dtypes, progress=progress)
+    strategy = HeteroLoRAStrategy(method, cfg, progress=progress)
 
     progress.status("waiting for clients")
     strategy.discover(grid, timeout=cfg.connect_timeout)

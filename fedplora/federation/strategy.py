@@ -113,17 +113,14 @@ class RoundRecord:
 
 
 class HeteroLoRAStrategy(Strategy):
-    """``dtypes``: the dtype each uploaded array must have (the model's trainables); None skips that check.
-    ``progress``: where the loop reports what it is doing (``Progress``), or None."""
+    """``progress``: where the loop reports what it is doing (``Progress``), or None."""
 
-    def __init__(self, method: FederatedMethod, cfg: RunConfig, dtypes: dict[str, torch.dtype] | None = None,
-                 progress=None) -> None:
+    def __init__(self, method: FederatedMethod, cfg: RunConfig, progress=None) -> None:
         self.method = method
         self.cfg = cfg
         self.progress = progress
         self.state: State = {}  # the global state of the round being configured (from ``arrays``)
         self.history: list[dict[str, Any]] = []
-        self.dtypes = dtypes or {}
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
@@ -351,11 +348,11 @@ class HeteroLoRAStrategy(Strategy):
         self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
 
     def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
-        """Every check before aggregation: the reply's own claims and dtypes here, then the method's validation.
+        """Every check before aggregation: the reply's own claims here, then the method's validation.
 
         A reply must declare the work it was given (its rank and pair indices are the task's:
-        distinct, within [0, R), no more than its rank) and send each array in the model's dtype;
-        the method then checks keys, shapes, finiteness, the sample count and the norm bound.
+        distinct, within [0, R), no more than its rank); the method then checks keys, shapes, the
+        declared upload dtype, finiteness, the sample count and the norm bound.
         """
         R, rank = self.method.rank, int(task.config.get("rank", self.method.rank))
         indices = update.config.get("indices")
@@ -372,7 +369,4 @@ class HeteroLoRAStrategy(Strategy):
         for key in ("rank", "indices"):
             if key in update.config and key in task.config and update.config[key] != task.config[key]:
                 raise UpdateRejected(f"declared {key} differs from the task's ({update.config[key]!r} != {task.config[key]!r})")
-        for key, t in update.arrays.items():
-            if key in self.dtypes and t.dtype != self.dtypes[key]:
-                raise UpdateRejected(f"{key}: expected dtype {self.dtypes[key]}, got {t.dtype}")
         self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
