@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .. import rng
-
 from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_plora_state_dict
 from ..adapters.layer import init_pairs_A_
 from ..adapters.model import A_SUFFIX, B_SUFFIX
@@ -91,13 +90,19 @@ class FLoRA(FederatedMethod):
         return new
 
     # ------------------------------------------------------------ client side
+    def fresh_A(self, task: ClientTask, layer_index: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
+        """A client's fresh A of this round for one layer (R x d_in, rows beyond its rank zero): the seeded draw
+        ``client_setup`` trains from and ``client_start_pairs`` measures."""
+        A = torch.empty(self.rank, d_in, dtype=dtype)
+        init_pairs_A_(A, self.plora.init_a, fresh_generator(task.config["init_seed"], layer_index))
+        A[task.config["rank"]:] = 0
+        return A
+
     def client_setup(self, model: nn.Module, task: ClientTask) -> None:
         rank = task.config["rank"]
         fresh = dict(_heads(task.arrays))
         for k, (name, layer) in enumerate(plora_layers(model)):
-            A = torch.empty(self.rank, layer.d_in, dtype=layer.plora_A.dtype)
-            init_pairs_A_(A, self.plora.init_a, fresh_generator(task.config["init_seed"], k))
-            A[rank:] = 0
+            A = self.fresh_A(task, k, layer.d_in, layer.plora_A.dtype)
             fresh[name + A_SUFFIX], fresh[name + B_SUFFIX] = A, torch.zeros(layer.d_out, self.rank, dtype=A.dtype)
             layer.set_base_offset(task.arrays[name + DELTA_SUFFIX])
         set_plora_state_dict(model, fresh)
@@ -173,8 +178,7 @@ class FLoRA(FederatedMethod):
         """The fresh rank-r_i adapter of ``client_setup`` (the same seeded A, B = 0), redrawn here."""
         rank, out = task.config["rank"], {}
         for k, (layer, D) in enumerate(_deltas(task.arrays).items()):
-            A = torch.empty(self.rank, D.shape[1], dtype=D.dtype)  # D's dtype is the pairs' master dtype
-            init_pairs_A_(A, self.plora.init_a, fresh_generator(task.config["init_seed"], k))
+            A = self.fresh_A(task, k, D.shape[1], D.dtype)  # D's dtype is the pairs' master dtype
             out[layer] = (A[:rank], torch.zeros(D.shape[0], rank, dtype=D.dtype))
         return out
 
