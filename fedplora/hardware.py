@@ -9,8 +9,6 @@ their masters are float32 on the model's device, and what goes on the wire is fl
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any
 
 import torch
@@ -41,19 +39,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes' CPU path warns on every int8 matmul and once about optional kernels; neither is news."""
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-    warnings.filterwarnings("ignore", message=r".*inputs will be cast from torch.float32 to float16")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
 def quantization_config(quantization: str, dtype: str, skip_modules: list[str] | None = None):
     """transformers' BitsAndBytesConfig for ``8bit`` (LLM.int8) or ``4bit`` (NF4 with double quantization and
     the base dtype as compute dtype, as QLoRA and FlowerTune); None for ``none``."""
     if quantization == "none":
         return None
-    quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

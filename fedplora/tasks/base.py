@@ -62,8 +62,7 @@ class Task(ABC):
         from ..hardware import resolve_device
 
         c = self.config
-        return {"dtype": getattr(c, "dtype", "float32"), "quantization": getattr(c, "quantization", "none"),
-                "device": resolve_device(getattr(c, "device", "cpu"))}
+        return {"dtype": c.dtype, "quantization": c.quantization, "device": resolve_device(c.device)}
 
     @abstractmethod
     def encode(self, dataset: Dataset) -> Dataset:
