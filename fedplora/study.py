@@ -216,6 +216,11 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     return study
 
 
+def _known(where: str, kind: str, name: str, names: dict[str, list[str]]) -> None:
+    if name not in names[kind]:
+        raise ConfigError(f"{where}: {name!r} is not a [[{kind}]] name ({', '.join(names[kind])})")
+
+
 def _paper(raw: Any, names: dict[str, list[str]], src: str) -> tuple[dict, str]:
     """``[paper.<task>.<partition>] <method> = number``: the paper's figures, in the table's units."""
     if not isinstance(raw, dict):
@@ -228,20 +233,16 @@ def _paper(raw: Any, names: dict[str, list[str]], src: str) -> tuple[dict, str]:
         if task == "note":
             continue
         where = f"{src}: [paper.{task}]"
-        if task not in names["task"]:
-            raise ConfigError(f"{where}: {task!r} is not a [[task]] name ({', '.join(names['task'])})")
+        _known(where, "task", task, names)
         if not isinstance(parts, dict):
             raise ConfigError(f"{where}: must be tables [paper.{task}.<partition>] of <method> = number")
         for part, methods in parts.items():
             where = f"{src}: [paper.{task}.{part}]"
-            if part not in names["partition"]:
-                raise ConfigError(f"{where}: {part!r} is not a [[partition]] name ({', '.join(names['partition'])})")
+            _known(where, "partition", part, names)
             if not isinstance(methods, dict):
                 raise ConfigError(f"{where}: must be a table of <method> = number")
             for method, value in methods.items():
-                if method not in names["method"]:
-                    raise ConfigError(f"{where}: {method!r} is not a [[method]] name "
-                                      f"({', '.join(names['method'])})")
+                _known(where, "method", method, names)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"{where}: {method} must be a number, got {value!r}")
                 paper.setdefault(task, {}).setdefault(part, {})[method] = float(value)
