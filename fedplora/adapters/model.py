@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import SEQUENCE_CLASSIFICATION_HEADS, PLoRAConfig, default_target_modules
-from .layer import PLoRALayer, _dims
+from .layer import PLoRALayer, _dims, master_dtype
 
 A_SUFFIX = ".plora_A"
 B_SUFFIX = ".plora_B"
@@ -129,7 +129,7 @@ def get_plora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
 
     def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
+        return t.detach().to("cpu", master_dtype(t), copy=True)
 
     for name, layer in plora_layers(model):
         A, B = layer.pairs()

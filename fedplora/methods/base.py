@@ -21,19 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import PLoRAConfig, get_plora_state_dict, select_and_fold, set_plora_state_dict
+from ..adapters.layer import MASTER_DTYPE
 from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
 from ..errors import UpdateRejected
 from ..measure import LayerFactors, LayerPairs, mean_of_products
 
 State = dict[str, torch.Tensor]
-# What every upload carries, whatever the client's base dtype or quantization: the adapters' float32 masters.
-# (A run whose global state is float64, as in the exactness tests, declares float64 instead.)
-UPLOAD_DTYPE = torch.float32
 
 
 def upload_dtype(state: "State") -> torch.dtype:
-    """The run's declared upload dtype: that of its global state (float32, or float64 in exactness tests)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in state.values()) else UPLOAD_DTYPE
+    """The run's declared upload dtype, whatever a client's base dtype or quantization: the adapters' master
+    dtype (``adapters.layer.MASTER_DTYPE``, float32), float64 where the global state is (exactness tests)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in state.values()) else MASTER_DTYPE
 
 
 @dataclass(frozen=True)
