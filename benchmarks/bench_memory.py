@@ -1,7 +1,7 @@
 """
 Peak memory of one client's local training, per configuration, and the planner's fit to it.
 
-What is measured: PLoRA with R=16 pairs on the default attention targets, r active pairs,
+What is measured: PLoRA with R=16 pairs on every attention projection (``TARGETS``), r active pairs,
 AdamW on the trainables (its states allocated before the first measured step), ``--steps``
 training steps (causal-LM loss) on random token batches of batch x seq. Each configuration (a
 "cell") runs in its own child process, so no allocator state leaks from one cell to the next:
@@ -55,6 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = ROOT / "docs" / "memory-results.json"
 GLOBAL_RANK = 16
+TARGETS = ["attention"]  # every attention projection: what docs/memory-results.json measured
 RANKS = (1, 2, 4, 8, 16)
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json); the weights here are random
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -221,7 +222,8 @@ def measure(model_name: str, cell: dict, steps: int, device_name: str) -> dict:
     load_s = time.perf_counter() - t0
     loaded = proc_status()
     reset_peak(device)
-    model = get_plora_model(model, PLoRAConfig(rank=GLOBAL_RANK, alpha=2.0 * GLOBAL_RANK, fold=cell["fold"]))
+    model = get_plora_model(model, PLoRAConfig(rank=GLOBAL_RANK, alpha=2.0 * GLOBAL_RANK, target_modules=TARGETS,
+                                                fold=cell["fold"]))
     select_and_fold(model, range(cell["rank"]))
     if cell["ckpt"]:
         enable_gradient_checkpointing(model)
@@ -297,6 +299,7 @@ def run_child(model: str, cell: dict, steps: int, device: str, timeout: float) -
 
 def run_grid(models: list[str], path: Path, steps: int, device: str, timeout: float, limit: int | None) -> None:
     data = load_results(path)
+    data.setdefault("targets", TARGETS)
     done = {cell_key(c["model"], c) for c in data["cells"] if "error" not in c}
     grid = sorted(((tier, i, m, c) for m in models for i, (tier, c) in enumerate(cells(m))),
                   key=lambda t: t[:2])
@@ -356,7 +359,7 @@ def fit_and_report(path: Path) -> None:
     planner.MODEL_FILE.write_text(json.dumps(model, indent=1) + "\n")
     errors = []
     for c in planner.measured_cells(data):
-        arch = planner.architecture(data["models"][c["model"]])
+        arch = planner.architecture(data["models"][c["model"]], targets=planner.measured_targets(data))
         c["predicted_bytes"] = planner.predict(arch, c, model["global_rank"], model=model)
         errors.append((c["predicted_bytes"] - c["peak_bytes"]) / c["peak_bytes"])
         print(f"{row(c)}  predicted {mib(c['predicted_bytes'])} MiB ({errors[-1]:+.1%})")
@@ -376,7 +379,7 @@ def leave_one_out(data: dict) -> list[float]:
     errors = []
     for i, c in enumerate(cells_):
         model = planner.fit({**data, "cells": cells_[:i] + cells_[i + 1:]})
-        arch = planner.architecture(data["models"][c["model"]])
+        arch = planner.architecture(data["models"][c["model"]], targets=planner.measured_targets(data))
         errors.append((planner.predict(arch, c, model["global_rank"], model=model) - c["peak_bytes"])
                       / c["peak_bytes"])
     return errors

@@ -3,7 +3,7 @@
 Quick use, PEFT-style::
 
     from fedplora import PLoRAConfig, get_plora_model, select_and_fold
-    model = get_plora_model(model, PLoRAConfig(rank=8, alpha=16))
+    model = get_plora_model(model, PLoRAConfig(rank=8)   # query/value, scale 1 (alpha = rank))
     select_and_fold(model, [0, 3, 5])   # train 3 of the 8 pairs, the rest folded in
 """
 

@@ -124,10 +124,13 @@ class RunConfig:
     num_clients: int = setting(10, "number of clients", ge=1, flags=("--clients", "--num-clients"))
     clients_per_round: int = setting(2, "clients sampled per round", ge=1)
     seed: int = setting(0, "seed for sampling, selection, partitions and init")
-    # adapter: global rank R, alpha, targets (None = attention projections)
+    # adapter: global rank R, alpha, targets. Defaults follow the paper (docs/method.md, "Defaults"):
+    # scale alpha/R = 1, the query and value projections
     rank: int = setting(8, "global rank R (number of one-rank pairs)", ge=1)
-    alpha: float = setting(16.0, "LoRA alpha (scale = alpha / R)", gt=0)
-    targets: list[str] | None = setting(None, "target module names (default: the attention projections)",
+    alpha: float | None = setting(None, "LoRA alpha (scale = alpha / R; default R, a scale of 1 as in the paper)",
+                                  gt=0)
+    targets: list[str] | None = setting(None, "target module names (default: the query and value projections; "
+                                              "attention: every attention projection)",
                                         nonempty=True, check=_modules, metavar="query,value")
     lora_dropout: float = setting(0.0, "dropout on the adapter's input", ge=0, lt=1)
     # heterogeneity: rank groups and their shares of the clients, e.g. ranks [2,4,8] at 1:1:1
@@ -139,10 +142,12 @@ class RunConfig:
     budget_fluctuation: float = setting(0.0, "chance per round that a client's budget drops one group",
                                         ge=0, le=1)
     # method options
-    weighting: str = setting("samples", "aggregation weights", choices=("samples", "uniform"))
-    selection: str = setting("shared", "Fed-PLoRA: which pairs a client trains: one random draw for all layers "
-                                       "(shared), one per layer (per_layer), or always the first r_i (fixed)",
-                             choices=("shared", "per_layer", "fixed"))
+    weighting: str = setting("uniform", "aggregation weights: every client alike (uniform, the paper's) or by "
+                                        "sample count (samples)", choices=("uniform", "samples"))
+    selection: str = setting("per_layer", "Fed-PLoRA: which pairs a client trains: one random draw per layer "
+                                          "(per_layer, the paper's), one draw for all layers (shared), or always "
+                                          "the first r_i (fixed)",
+                             choices=("per_layer", "shared", "fixed"))
     aggregate_over: str = setting("participants", "Fed-PLoRA: average pair j over the clients that trained it "
                                                   "(participants) or over every sampled client (all; one that did "
                                                   "not train j adds a zero update)",
@@ -163,6 +168,12 @@ class RunConfig:
                                                  "by (default: the task's label column)", check=_column)
     test_fraction: float = setting(0.2, "share of the data held out when a task has no test split", gt=0, lt=1)
     max_seq_len: int = setting(64, "max tokens per example", ge=1)
+    eval_split: str = setting("test", "what the server evaluates: the task's held-out split (test), or a "
+                                      "seeded validation_fraction of the training data that no client trains on "
+                                      "(validation: for choosing settings such as the learning rate)",
+                              choices=("test", "validation"))
+    validation_fraction: float = setting(0.1, "with eval_split=validation: the share of the training data held out",
+                                         gt=0, lt=1)
     eval_max_examples: int = setting(300, "held-out examples evaluated per round (a seeded sample)", ge=1)
     eval_every: int = setting(1, "evaluate the global model every k rounds (and after the last)", ge=1)
     gen_max_examples: int = setting(20, "generation tasks: held-out examples generated per evaluation", ge=1)

@@ -104,7 +104,7 @@ def _arch(config_json: str, head: str, targets: tuple[str, ...] | None) -> Arch:
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .adapters.config import default_target_modules
+    from .adapters.config import resolve_targets
     from .adapters.model import _matches
 
     fields = json.loads(config_json)
@@ -112,7 +112,7 @@ def _arch(config_json: str, head: str, targets: tuple[str, ...] | None) -> Arch:
     cls = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = cls.from_config(config)
-    wanted = list(targets) if targets else default_target_modules(config.model_type)
+    wanted = resolve_targets(list(targets) if targets else None, config.model_type)
     linear, bias, target_dims, quantized = [], 0, [], set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier"):
@@ -236,13 +236,18 @@ def measured_cells(results: dict) -> list[dict]:
     return [c for c in results["cells"] if "error" not in c and c.get("device", "cpu") == "cpu"]
 
 
+def measured_targets(results: dict) -> list[str]:
+    """The targets the benchmark adapted: every attention projection (the default before it became query/value)."""
+    return list(results.get("targets", ["attention"]))
+
+
 def fit(results: dict) -> dict:
     """Coefficients that best fit the measured CPU cells."""
     cells = measured_cells(results)
     rank = results.get("global_rank", 16)
     rows, rest = [], []
     for c in cells:
-        arch = architecture(results["models"][c["model"]])
+        arch = architecture(results["models"][c["model"]], targets=measured_targets(results))
         rows.append(design_row(arch, c, rank))
         rest.append(c["peak_bytes"] - fixed_bytes(arch, c, rank))
     idle = sorted(c["idle_rss"] for c in cells if "idle_rss" in c)

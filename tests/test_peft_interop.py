@@ -78,8 +78,9 @@ def test_real_minilm_fold_and_peft_roundtrip(tmp_path):
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
 
-    model = get_plora_model(load(), PLoRAConfig(rank=8, alpha=16))
-    assert len(model.plora_targets) == 18  # query, key, value in 6 layers
+    assert len(get_plora_model(load(), PLoRAConfig(rank=8)).plora_targets) == 12  # default: query, value x 6
+    model = get_plora_model(load(), PLoRAConfig(rank=8, alpha=16, target_modules=["attention"]))
+    assert len(model.plora_targets) == 18  # "attention": query, key, value in 6 layers
     randomize_pairs(model, scale=0.05)
     with torch.no_grad():
         full = model(**batch).logits

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .config import SEQUENCE_CLASSIFICATION_HEADS, PLoRAConfig, default_target_modules
+from .config import SEQUENCE_CLASSIFICATION_HEADS, PLoRAConfig, resolve_targets
 from .layer import PLoRALayer, _dims, master_dtype
 
 A_SUFFIX = ".plora_A"
@@ -48,10 +48,7 @@ def get_plora_model(model: nn.Module, config: PLoRAConfig) -> nn.Module:
     """
     if any(isinstance(m, PLoRALayer) for m in model.modules()):
         raise ValueError("this model already carries PLoRA layers")
-    targets = config.target_modules
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", "")
-        targets = default_target_modules(model_type)
+    targets = resolve_targets(config.target_modules, getattr(getattr(model, "config", None), "model_type", ""))
     heads = _resolve_heads(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
