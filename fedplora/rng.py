@@ -25,6 +25,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
     "selection": ("round", "cid", "layer"),        # Fed-PLoRA's pair indices (layer 0 = the shared draw)
     "partition": (),                               # data partitions (flwr-datasets partitioners)
     "split": (),                                   # train/test split of tasks without a test split
+    "validation": (),                              # the validation split carved from train (eval_split)
     "init": (),                                    # a new head's init, method-side initial state
     "batches": ("round", "cid"),                   # a client's local batches and dropout
     "failures": ("round", "attempt"),              # injected failures (tests, drills)

@@ -295,3 +295,22 @@ def test_cli_run_with_an_impossible_dirichlet_exits_2_with_one_line(tmp_path, ca
     assert err.strip().splitlines()[-1].startswith("fedplora: error: dirichlet_alpha: the dirichlet partitioner")
     assert "min_partition_size" not in err and "max number of attempts" not in err  # no flwr-datasets retry wall
     assert "Traceback" not in err  # the ServerApp hands its error to `fedplora run` instead of raising it
+
+
+def test_validation_split_is_carved_from_train_stratified_seeded_and_never_the_test_split(tmp_path):
+    rows = [(f"sentence number {i} .", i % 2) for i in range(40)]
+    folder = glue_folder(tmp_path, ["sentence", "label"], rows)
+    train, test = make_task(cfg(task="sst2", data_dir=folder)).splits()
+    assert (len(train), len(test)) == (40, 20)  # eval_split=test: the task's own held-out split
+    task = make_task(cfg(task="sst2", data_dir=folder, eval_split="validation", validation_fraction=0.2))
+    rest, val = task.splits()
+    assert (len(rest), len(val)) == (32, 8) and sorted(val["label"]) == [0] * 4 + [1] * 4  # stratified
+    assert not set(rest["text"]) & set(val["text"]) and set(rest["text"]) | set(val["text"]) == {r[0] for r in rows}
+    again, val2 = make_task(cfg(task="sst2", data_dir=folder, eval_split="validation",
+                                validation_fraction=0.2)).splits()
+    assert val2["text"] == val["text"] and again["text"] == rest["text"]  # seeded
+    other = make_task(cfg(task="sst2", data_dir=folder, eval_split="validation", validation_fraction=0.2,
+                          seed=1)).splits()[1]
+    assert other["text"] != val["text"]
+    with pytest.raises(DataError, match="validation_fraction"):
+        make_task(cfg(task="sst2", data_dir=folder, eval_split="validation", validation_fraction=0.01)).splits()

@@ -127,7 +127,7 @@ class ClientRuntime:
         steady_allocator()
         self.cfg = cfg
         self.task = make_task(cfg)
-        train, _ = self.task.load_splits()
+        train, _ = self.task.splits()
         self.parts = partition_for(self.task, train, cfg)
         self.encoded: dict[int, Any] = {}
         self.model = get_plora_model(self.task.build_model(), plora_config(cfg))
@@ -212,6 +212,7 @@ def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     task, setup, server_round = read_task(msg.content)
     cfg = RunConfig.from_dict(setup)
     cid = client_id(context, cfg)
@@ -230,5 +231,6 @@ def train(msg: Message, context: Context) -> Message:
     metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
     update = method.client_update(rt.model, task, num_samples=len(data))
-    metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs})
+    metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,
+                    "client-s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
     return Message(update_content(update, metrics), reply_to=msg)

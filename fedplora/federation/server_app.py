@@ -48,7 +48,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
 
     torch.manual_seed(rng.seed_int("init", cfg.seed))  # the initial pairs (and any new head) come from the seed
     task = make_task(cfg)
-    train, test = task.load_splits()
+    train, test = task.splits()
     eval_data = evaluation_set(task, test, cfg)
     model = get_plora_model(task.build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))

@@ -70,7 +70,8 @@ class Accepted:
         return {"cid": self.cid, "rank": int(self.task.config.get("rank", global_rank)),
                 "budget": int(self.metrics.get("budget", 0)), "trained_pairs": int(self.metrics.get("trained-pairs", 0)),
                 "num_samples": self.update.num_samples, "bytes_down": nbytes(self.task.arrays),
-                "bytes_up": nbytes(self.update.arrays), "train_loss": self.loss}
+                "bytes_up": nbytes(self.update.arrays), "train_loss": self.loss,
+                "train_s": float(self.metrics.get("train_s", 0.0)), "client_s": float(self.metrics.get("client-s", 0.0))}
 
 
 def noise_entry(init_fn: float, agg_fn: float, init_paper: float, agg_paper: float) -> dict[str, float]:
@@ -95,6 +96,7 @@ class RoundRecord:
     paper_init_noise: float = 0.0
     paper_agg_noise: float = 0.0
     agg_s: float = 0.0
+    measure_s: float = 0.0
     train_loss: float | None = None
     aggregated: bool = False
     attempts: int = 1
@@ -107,7 +109,7 @@ class RoundRecord:
         """The round's history entry (metrics and wall time are added by the server loop)."""
         return {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
-                "agg_s": self.agg_s,
+                "agg_s": self.agg_s, "measure_s": self.measure_s,
                 "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
                 "clients": self.clients, "failures": self.failures}
 
@@ -208,9 +210,11 @@ class HeteroLoRAStrategy(Strategy):
         self.history = history = list(history or [])
         result, arrays = Result(arrays=initial_arrays), initial_arrays
         if not history:
+            t_eval = time.perf_counter()
             metrics = evaluate_fn(0, arrays) if evaluate_fn else None
             history.append({"round": 0, "metrics": dict(metrics or {}), "bytes_up": 0, "bytes_down": 0,
-                            **noise_entry(0.0, 0.0, 0.0, 0.0), "wall_s": 0.0, "clients": []})
+                            **noise_entry(0.0, 0.0, 0.0, 0.0), "eval_s": time.perf_counter() - t_eval,
+                            "wall_s": 0.0, "clients": []})
             self._finish_round(result, history[-1], metrics, arrays, on_round)
         attempts = 1 + (self.cfg.max_round_retries if self.cfg.on_too_few_replies == "retry" else 0)
         for rnd in range(len(history), num_rounds + 1):
@@ -226,8 +230,10 @@ class HeteroLoRAStrategy(Strategy):
                     result.train_metrics_clientapp[rnd] = train_metrics
                     break
             self._status(f"round {rnd}/{num_rounds}: evaluating")
+            t_eval = time.perf_counter()
             metrics = evaluate_fn(rnd, arrays) if evaluate_fn else None
-            entry = {**self.record.entry(), "metrics": dict(metrics or {}), "wall_s": time.perf_counter() - t0}
+            entry = {**self.record.entry(), "metrics": dict(metrics or {}), "eval_s": time.perf_counter() - t_eval,
+                     "wall_s": time.perf_counter() - t0}
             history.append(entry)
             self._finish_round(result, entry, metrics, arrays, on_round)
         return result
@@ -278,6 +284,7 @@ class HeteroLoRAStrategy(Strategy):
             new_state = self.method.aggregate(self.state, tasks, updates)
             self.record.agg_s = time.perf_counter() - t0
             self.measure(self.state, new_state, accepted)
+            self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.record.aggregated = True
         return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
                                                         "bytes-down": self.record.bytes_down})

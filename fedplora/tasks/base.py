@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from .. import rng
 from ..errors import DataError
 from .models import load_tokenizer
 
@@ -38,6 +39,26 @@ class Task(ABC):
     @abstractmethod
     def load_splits(self) -> tuple[Dataset, Dataset]:
         """(train, test), the same on every process for a given seed."""
+
+    def splits(self) -> tuple[Dataset, Dataset]:
+        """(what clients train on, what the server evaluates): ``load_splits`` with ``eval_split = "test"``;
+        with ``"validation"`` a seeded ``validation_fraction`` of the training data, held out from every
+        client and evaluated instead, so settings such as the learning rate are chosen without ever
+        looking at the reported split (stratified by label where the task has one)."""
+        train, test = self.load_splits()
+        if getattr(self.config, "eval_split", "test") != "validation":
+            return train, test
+        column = self.label_column if self.label_column in train.column_names else None
+        if column is not None and not hasattr(train.features[column], "names"):
+            train = train.class_encode_column(column)  # stratifying needs a ClassLabel column
+        try:
+            split = train.train_test_split(test_size=self.config.validation_fraction, stratify_by_column=column,
+                                           seed=rng.small_seed("validation", self.config.seed))
+        except ValueError as e:
+            raise DataError(f"eval_split=validation: cannot hold out validation_fraction="
+                            f"{self.config.validation_fraction:g} of {len(train)} training examples ({e}); "
+                            "raise --validation-fraction") from None
+        return split["train"], split["test"]
 
     @property
     def model_path(self) -> str:
