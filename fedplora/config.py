@@ -217,6 +217,18 @@ class RunConfig:
                                         "each round", ge=0, le=1)
     fail_mode: str = setting("error", "injected failure: the client raises (error) or replies too late "
                                       "(straggle)", choices=("error", "straggle"))
+    # Byzantine clients (fedplora/federation/attacks.py): a fixed, seeded set of clients attacks in every round
+    byzantine_fraction: float = setting(0.0, "attack injection for tests: this fraction of all clients is "
+                                             "Byzantine (the same clients all run)", ge=0, le=1)
+    attack: str = setting("scale", "what a Byzantine client does: upload received - s*delta (sign_flip), "
+                                   "received + s*delta (scale), received + delta + N(0, s^2) noise (noise), "
+                                   "claim s times its sample count (inflate), or train on flipped labels "
+                                   "(label_flip; classification tasks)",
+                          choices=("sign_flip", "scale", "noise", "inflate", "label_flip"))
+    attack_strength: float | None = setting(None, "the attack's s (default: sign_flip 1, scale 100, noise 1, "
+                                                  "inflate 1e6; label_flip has none)", gt=0,
+                                            check=lambda v: None if math.isfinite(v) else
+                                            f"must be finite, got {v!r} (--attack-strength)")
 
     # ------------------------------------------------------------------ IO
     @classmethod

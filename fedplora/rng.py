@@ -29,6 +29,8 @@ STREAMS: dict[str, tuple[str, ...]] = {
     "init": (),                                    # a new head's init, method-side initial state
     "batches": ("round", "cid"),                   # a client's local batches and dropout
     "failures": ("round", "attempt"),              # injected failures (tests, drills)
+    "byzantine": (),                               # which clients are Byzantine (fixed for the run)
+    "attack_noise": ("round", "cid"),              # a Byzantine client's noise attack
     "eval_subset": (),                             # the held-out examples evaluated every round
     "generation_subset": (),                       # the held-out examples generated per evaluation
     "problem_order": (),                           # the order of code problems

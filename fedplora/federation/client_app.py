@@ -33,6 +33,7 @@ from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
+from . import attacks
 from .heterogeneity import assign_budgets, round_budget
 from .messages import read_task, update_content
 
@@ -228,9 +229,15 @@ def train(msg: Message, context: Context) -> Message:
     method.client_setup(rt.model, task)
     trained_pairs = max(int(layer.active_idx.numel()) for _, layer in plora_layers(rt.model))
     data = rt.data(cid)
+    byzantine = cid in attacks.attackers(cfg)  # an attack injected for tests (attacks.py); honest clients skip this
+    if byzantine and cfg.attack == "label_flip":
+        data = attacks.poisoned_data(rt.task, data, rt.encoded, cid)
+    start = method.client_update(rt.model, task, num_samples=len(data)).arrays if byzantine else None
     metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
     update = method.client_update(rt.model, task, num_samples=len(data))
+    if byzantine:
+        update = attacks.attack_update(cfg, server_round, cid, update, start)
     metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,
                     "client-s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
     return Message(update_content(update, metrics), reply_to=msg)

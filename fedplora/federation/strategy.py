@@ -29,6 +29,7 @@ from ..config import RunConfig
 from ..measure import aggregation_noise, init_noise, nbytes, paper_aggregation_noise, paper_init_noise
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
+from . import attacks
 from .messages import read_update, task_content
 
 
@@ -100,6 +101,8 @@ class RoundRecord:
     train_loss: float | None = None
     aggregated: bool = False
     attempts: int = 1
+    # the sampled clients that are Byzantine (attacks.py): for measuring an aggregator, which never sees it
+    attackers: list[int] = dataclasses.field(default_factory=list)
 
     def fail(self, cid: int | None, stage: str, reason: str) -> None:
         """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
@@ -111,7 +114,7 @@ class RoundRecord:
                 **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
                 "agg_s": self.agg_s, "measure_s": self.measure_s,
                 "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
-                "clients": self.clients, "failures": self.failures}
+                "clients": self.clients, "failures": self.failures, "attackers": self.attackers}
 
 
 class HeteroLoRAStrategy(Strategy):
@@ -126,7 +129,10 @@ class HeteroLoRAStrategy(Strategy):
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
+        self._declared: dict[int, int] = {}  # cid -> the example count its query declared this attempt
         self.record = RoundRecord(round=0)
+        attacks.check_task(cfg)  # an attack the task cannot carry is refused before the first round
+        self.attackers = attacks.attackers(cfg)  # for the history only; aggregation never reads it
 
     # ------------------------------------------------------------ discovery
     def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
@@ -259,7 +265,10 @@ class HeteroLoRAStrategy(Strategy):
             self.record = RoundRecord(round=server_round)
         self.record.attempts, self.record.clients = attempt + 1, []
         self.state = arrays_to_state(arrays)
-        infos = self.client_infos(grid, server_round, self.sample(server_round, attempt))
+        cids = self.sample(server_round, attempt)
+        self.record.attackers = sorted(set(cids) & self.attackers)
+        infos = self.client_infos(grid, server_round, cids)
+        self._declared = {info.cid: info.num_samples for info in infos}
         messages, self._pending = [], {}
         for info in infos:
             task = self.method.configure_client(self.state, info, server_round)
@@ -318,6 +327,7 @@ class HeteroLoRAStrategy(Strategy):
                 update, metrics = read_update(reply.content)
                 rec.bytes_up += nbytes(update.arrays)
                 self.check_reply(task, update)
+                self.check_claim(cid, update)
                 reply_ok = Accepted(cid, task, update, metrics)
                 reply_ok.client = reply_ok.describe(self.method.rank)  # a metric that can't be read rejects it here
             except UpdateRejected as e:
@@ -353,6 +363,18 @@ class HeteroLoRAStrategy(Strategy):
         rec.paper_agg_noise = paper_aggregation_noise(self.method.paper_ideal_factors(old, tasks, updates), g_new)
         losses = [a.loss for a in accepted]
         self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
+
+    def check_claim(self, cid: int, update: ClientUpdate) -> None:
+        """A reply may not claim more samples than its client declared in this round's query.
+
+        The sample count weights a client's update in the average, so an inflated claim (attacks.py,
+        ``inflate``) would let one client outweigh all others while every array looks honest. The
+        query's ``num-examples`` is the partition size the client declared before it was given work;
+        the count it reports after training must not exceed it (an honest client reports exactly it).
+        """
+        declared = self._declared.get(cid)
+        if declared is not None and update.num_samples > declared:
+            raise UpdateRejected(f"claims {update.num_samples} samples, more than the {declared} its query declared")
 
     def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
         """Every check before aggregation: the reply's own claims here, then the method's validation.
