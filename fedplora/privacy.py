@@ -237,7 +237,7 @@ def noise_for_target_epsilon(target_epsilon: float, rounds: int, q: float, delta
     if spent(MAX_NOISE_MULTIPLIER) > target_epsilon:
         raise ConfigError(f"target_epsilon={target_epsilon:g} is out of reach over {rounds} rounds at q={q:g} "
                           f"(even dp_noise_multiplier={MAX_NOISE_MULTIPLIER:g} spends more): raise target_epsilon or "
-                          f"dp_delta, or plan fewer rounds or fewer clients_per_round")
+                          f"dp_delta, or plan fewer rounds{' or fewer clients_per_round' if q < 1 else ''}")
     hi = 1.0  # bracket [lo, hi] with spent(lo) > target >= spent(hi)
     while spent(hi) > target_epsilon:
         hi *= 2.0
