@@ -265,7 +265,9 @@ def _rounds(cfg, grid):
 
     strategy, arrays = _strategy(cfg, grid)
     result = strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.round_timeout)
-    return arrays_to_state(result.arrays), strategy.history[1:]
+    from fedplora.federation.strategy import untimed
+
+    return arrays_to_state(result.arrays), [untimed(h) for h in strategy.history[1:]]
 
 
 def _content(arrays, config, metrics):
@@ -396,7 +398,9 @@ def test_too_few_replies_skip_keeps_the_state_and_retry_redoes_the_round(tiny_as
 # -------------------------------------------------------------------------------------- real processes
 
 def _strip(history):
-    return [{k: v for k, v in h.items() if k not in ("wall_s", "agg_s") and not k.endswith("agg_noise")} for h in history]
+    from fedplora.federation.strategy import untimed
+
+    return [{k: v for k, v in untimed(h).items() if not k.endswith("agg_noise")} for h in history]
 
 
 def _same_outputs(a: Path, b: Path):

@@ -11,6 +11,7 @@ from assets import flwr_run_user_path
 from fedplora.config import RunConfig
 from fedplora.federation.client_app import method_options, plora_config
 from fedplora.federation.heterogeneity import assign_budgets, round_budget
+from fedplora.federation.strategy import untimed
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,7 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
                                 cfg.num_clients, tmp_path / "flwr")
 
     # one app, one seed: identical metrics, clients and traffic
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("wall_s", "agg_s") and not k.endswith("agg_noise")}
-                       for r in h]
+    strip = lambda h: [{k: v for k, v in untimed(r).items() if not k.endswith("agg_noise")} for r in h]
     assert first["final"] == second["final"]
     assert strip(first["history"]) == strip(second["history"])
     for key in ("agg_noise", "fn_agg_noise", "paper_agg_noise"):  # float64 diagnostics: equal to the last bits

@@ -82,6 +82,17 @@ def noise_entry(init_fn: float, agg_fn: float, init_paper: float, agg_paper: flo
             "paper_agg_noise": agg_paper, "init_noise": init_fn, "agg_noise": agg_fn}
 
 
+TIMINGS = ("wall_s", "agg_s", "measure_s", "eval_s", "train_s", "client_s")  # clock readings in a history
+
+
+def untimed(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history entry without its clock readings (its own and its clients'): what two runs of one seed share."""
+    out = {k: v for k, v in entry.items() if k not in TIMINGS}
+    if "clients" in out:
+        out["clients"] = [{k: v for k, v in c.items() if k not in TIMINGS} for c in out["clients"]]
+    return out
+
+
 @dataclasses.dataclass
 class RoundRecord:
     """What happened in one round, for the history."""
