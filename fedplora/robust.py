@@ -203,7 +203,8 @@ def clip_scales(deltas: Sequence[UnitDelta | ProductDelta], clip_multiplier: flo
     client: all its pairs and heads; even count: mean of the two middle norms). A median of 0 (half the clients
     changed nothing) clips every other client to zero: the round changes nothing."""
     norms = [math.sqrt(d.sq_norm()) for d in deltas]
-    bound = clip_multiplier * statistics.median(norms)
+    middle = statistics.median(norms)
+    bound = clip_multiplier * middle if middle > 0 else 0.0  # 0, not nan, for clip_multiplier = inf
     return [1.0 if norm <= bound else bound / norm for norm in norms]
 
 

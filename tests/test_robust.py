@@ -10,7 +10,7 @@ from fedplora import ClientInfo, ClientUpdate, PLoRAConfig, make_method
 from fedplora.config import ConfigError, RunConfig
 from fedplora.methods import FedIT, FedPLoRA, FlexLoRA, FLoRA, HetLoRA
 from fedplora.methods.base import ClientTask
-from fedplora.robust import AGGREGATORS, Aggregator, median, tolerates, trimmed_mean
+from fedplora.robust import AGGREGATORS, Aggregator, UnitDelta, clip_scales, median, tolerates, trimmed_mean
 
 F64 = torch.float64
 CFG = PLoRAConfig(rank=4, alpha=4, target_modules=["query"], modules_to_save=["classifier"])  # scale 1
@@ -65,6 +65,10 @@ def test_coordinatewise_statistics_by_hand():
     assert torch.equal(median(x[:3]), t(2., 0.))
     assert torch.equal(trimmed_mean(x, 0.25), t(3., 0.5))  # k = floor(0.25 * 4) = 1 at each end
     assert torch.equal(trimmed_mean(x, 0.2), x.mean(0))  # k = floor(0.8) = 0: the plain mean
+    zero, big = UnitDelta({"p": t(0.)}), UnitDelta({"p": t(3., 4.)})
+    assert clip_scales([zero, zero, big], 2.0) == [1.0, 1.0, 0.0]  # median norm 0: the round changes nothing
+    assert clip_scales([zero, big, big], float("inf")) == [1.0, 1.0, 1.0]
+    assert clip_scales([big, UnitDelta({"p": t(6., 8.)}), UnitDelta({"p": t(30., 40.)})], 2.0) == [1.0, 1.0, 0.4]
 
 
 def test_median_per_pair_over_the_clients_that_trained_it():
