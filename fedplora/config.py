@@ -70,6 +70,12 @@ def _methods() -> list[str]:
     return sorted(METHODS)
 
 
+def _aggregators() -> tuple[str, ...]:
+    from .robust import AGGREGATORS
+
+    return AGGREGATORS
+
+
 def _tasks() -> list[str]:
     from .tasks import TASKS
 
@@ -157,6 +163,18 @@ class RunConfig:
                               choices=("fold", "drop"))
     fedit_variant: str = setting("ideal", "FedIT: every client at R, ignoring budgets (ideal), or every client "
                                           "at the smallest budget (feasible)", choices=("ideal", "feasible"))
+    # robust aggregation (docs/robustness.md)
+    aggregator: str = setting("mean", "how the server combines client updates: the method's own mean, or a "
+                                      "Byzantine-robust rule applied per pair index over the clients that trained "
+                                      "it (coordinate-wise median or trimmed mean, norm clipping, (multi-)Krum)",
+                              choices=_aggregators)
+    trim_fraction: float = setting(0.2, "trimmed_mean: share of the largest and of the smallest values dropped per "
+                                        "coordinate, floor(trim_fraction * clients) at each end", ge=0, lt=0.5)
+    clip_multiplier: float = setting(2.0, "norm_clip: each client's whole update is clipped to this many times the "
+                                          "round's median update norm", gt=0)
+    krum_f: int = setting(1, "krum: assumed number of Byzantine clients per round (a round needs more than "
+                             "2*krum_f+2 replies)", ge=0)
+    krum_m: int = setting(1, "krum: clients selected and averaged (1 = Krum, more = multi-Krum)", ge=1)
     # data
     partitioner: str = setting("iid", "how the training data is split over clients (docs/tasks.md)",
                                choices=PARTITIONERS)
@@ -293,6 +311,19 @@ class RunConfig:
         need(len(self.rank_shares) == len(self.ranks),
              f"rank_shares: needs one share per rank group ({len(self.ranks)}), got {self.rank_shares!r}")
         need(sum(self.rank_shares) > 0, f"rank_shares: must not be all 0, got {self.rank_shares!r}")
+        from .robust import refusal
+
+        problem = refusal(self.aggregator, self.method)
+        need(problem is None, f"aggregator: {(problem or '').removeprefix('aggregator ')}")
+        if self.aggregator == "krum":  # every aggregated round has >= min_replies updates: Krum must run on them
+            least = 2 * self.krum_f + 3
+            need(self.min_replies >= least,
+                 f"min_replies: krum with krum_f={self.krum_f} needs more than 2*krum_f+2 = {least - 1} updates in "
+                 f"every aggregated round, got min_replies={self.min_replies}; raise --min-replies (and "
+                 f"--clients-per-round) to {least} or lower --krum-f")
+            need(self.krum_m <= self.min_replies - self.krum_f,
+                 f"krum_m: {self.krum_m} is more than min_replies - krum_f = {self.min_replies - self.krum_f}, the "
+                 "clients Krum can select in the smallest aggregated round; lower --krum-m or raise --min-replies")
         need(self.quantization == "none" or self.fold == "branch",
              f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "
              "use --fold branch with --quantization")

@@ -46,7 +46,11 @@ def plora_config(cfg: RunConfig) -> PLoRAConfig:
 
 
 def method_options(cfg: RunConfig) -> dict[str, Any]:
-    opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed}
+    from ..robust import Aggregator
+
+    opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed,
+                            "aggregator": Aggregator(cfg.aggregator, cfg.trim_fraction, cfg.clip_multiplier,
+                                                     cfg.krum_f, cfg.krum_m)}
     if cfg.method == "fedplora":
         opts.update(selection=cfg.selection, aggregate_over=cfg.aggregate_over, unselected=cfg.unselected)
     if cfg.method == "fedit":

@@ -25,6 +25,7 @@ from ..adapters.layer import MASTER_DTYPE
 from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
 from ..errors import UpdateRejected
 from ..measure import LayerFactors, LayerPairs, mean_of_products
+from ..robust import Aggregator, UnitDelta, combine, refusal
 
 State = dict[str, torch.Tensor]
 
@@ -63,11 +64,26 @@ class FederatedMethod(ABC):
     name: ClassVar[str]
     ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
 
-    def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0) -> None:
-        """``weighting``: "samples" or "uniform" (the run setting, checked by RunConfig)."""
+    def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0,
+                 aggregator: Aggregator | str | None = None) -> None:
+        """``weighting``: "samples" or "uniform" (the run setting, checked by RunConfig).
+
+        ``aggregator``: how ``aggregate`` combines the clients (``fedplora.robust``; a name or an ``Aggregator``
+        with its parameters). The default, mean, is the method's own aggregation, untouched; a robust rule
+        the method does not define raises one ValueError line here, before any round.
+        """
         self.plora = plora
         self.weighting = weighting
         self.seed = seed
+        self.aggregator = Aggregator.of(aggregator)
+        problem = refusal(self.aggregator.name, self.name)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def robust(self) -> bool:
+        """True when ``aggregate`` uses a robust rule instead of the method's own mean."""
+        return self.aggregator.name != "mean"
 
     @property
     def rank(self) -> int:
@@ -75,7 +91,7 @@ class FederatedMethod(ABC):
 
     def describe(self) -> str:
         """One line naming the method and the options that change what it is, for logs and tables."""
-        return self.name
+        return self.name + (f" (aggregator {self.aggregator.describe()})" if self.robust else "")
 
     def client_rank(self, client: ClientInfo) -> int:
         """The rank client i trains: its budget, capped at the global rank R."""
@@ -244,6 +260,44 @@ def stack_pairs(weights: list[float], updates: list[ClientUpdate], layer: str) -
     return B, A
 
 
+def robust_pair_aggregate(aggregator: Aggregator, state: State, updates: list[ClientUpdate],
+                          trained: list[dict[str, list[int]]], zero_for_untrained: bool = False) -> State:
+    """The robust rule per pair index over the clients that trained it, and over all clients for the heads.
+
+    ``trained[i][layer]``: the pair indices client i's rows (A) and columns (B) hold, in order. Each pair is one
+    unit [a_j ; b_j] of deltas from the global value (``robust.UnitDelta``). ``zero_for_untrained``: a client also
+    holds every pair it did not train, with a zero delta (Fed-PLoRA's aggregate_over="all"). A pair nobody holds
+    keeps its global value. Float64 throughout, cast back to the state's dtype.
+    """
+    deltas = []
+    for u, pairs in zip(updates, trained):
+        units: dict = {}
+        for layer in layer_names(state):
+            A_old, B_old = state[layer + A_SUFFIX].double(), state[layer + B_SUFFIX].double()
+            A, B = u.arrays[layer + A_SUFFIX].double(), u.arrays[layer + B_SUFFIX].double()
+            for row, j in enumerate(pairs[layer]):
+                units[(layer, j)] = torch.cat([A[row] - A_old[j], B[:, row] - B_old[:, j]])
+            if zero_for_untrained:
+                for j in range(A_old.shape[0]):
+                    units.setdefault((layer, j), torch.zeros(A_old.shape[1] + B_old.shape[0], dtype=torch.float64))
+        for key in head_keys(state):
+            units[key] = u.arrays[key].double() - state[key].double()
+        deltas.append(UnitDelta(units))
+    step = combine(aggregator, deltas)
+    new: State = {}
+    for layer in layer_names(state):
+        A_old, B_old = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
+        A, B, d_in = A_old.double().clone(), B_old.double().clone(), A_old.shape[1]
+        for j in range(A.shape[0]):
+            if (layer, j) in step:
+                A[j] += step[(layer, j)][:d_in]
+                B[:, j] += step[(layer, j)][d_in:]
+        new[layer + A_SUFFIX], new[layer + B_SUFFIX] = A.to(A_old.dtype), B.to(B_old.dtype)
+    for key in head_keys(state):
+        new[key] = (state[key].double() + step[key]).to(state[key].dtype) if key in step else state[key].clone()
+    return new
+
+
 class LeadingPairsMethod(FederatedMethod):
     """A client trains a plain rank-r_i LoRA: the first r_i pairs (FedIT, HetLoRA, FlexLoRA).
 
@@ -271,6 +325,14 @@ class LeadingPairsMethod(FederatedMethod):
 
     def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]:
         return {key: tuple(t.shape) for key, t in task.arrays.items()}
+
+    def robust_aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
+        """The robust rule per pair index over the clients whose rank covers it (client i holds pairs 0..r_i-1).
+        A zero-padded entry beyond r_i is not a trained value, so it is not counted (HetLoRA's padding is its mean's
+        rule, not data)."""
+        trained = [{layer: list(range(u.arrays[layer + A_SUFFIX].shape[0])) for layer in layer_names(state)}
+                   for u in updates]
+        return robust_pair_aggregate(self.aggregator, state, updates, trained)
 
     def client_start_factors(self, task: ClientTask) -> LayerFactors:
         return self.global_factors(task.arrays)

@@ -38,8 +38,8 @@ class FedIT(LeadingPairsMethod):
     name = "fedit"
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, variant: str = "ideal",
-                 min_rank: int | None = None) -> None:
-        super().__init__(plora, weighting, seed)
+                 min_rank: int | None = None, aggregator=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator)
         self.ignores_budgets = variant == "ideal"
         if variant == "ideal":
             if min_rank is not None:
@@ -53,9 +53,10 @@ class FedIT(LeadingPairsMethod):
         self.variant = variant
 
     def describe(self) -> str:
+        robust = f", aggregator {self.aggregator.describe()}" if self.robust else ""
         if self.variant == "ideal":
-            return f"fedit-ideal (every client at rank R={self.rank}, budgets ignored)"
-        return f"fedit-feasible (every client at the smallest budget, rank {self.train_rank} of R={self.rank})"
+            return f"fedit-ideal (every client at rank R={self.rank}, budgets ignored{robust})"
+        return f"fedit-feasible (every client at the smallest budget, rank {self.train_rank} of R={self.rank}{robust})"
 
     def init_state(self, model: nn.Module) -> State:
         state = super().init_state(model)
@@ -73,6 +74,8 @@ class FedIT(LeadingPairsMethod):
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
+        if self.robust:  # per pair index; the pairs beyond train_rank are held by nobody and stay zero
+            return self.robust_aggregate(state, updates)
         weights = self.client_weights(updates)
         new = padded_average(state, updates, {layer: weights for layer in layer_names(state)})
         new.update(average_heads(state, updates, weights))

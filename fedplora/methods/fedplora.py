@@ -37,6 +37,7 @@ from .base import (
     average_heads,
     head_keys,
     layer_names,
+    robust_pair_aggregate,
 )
 
 
@@ -52,14 +53,15 @@ class FedPLoRA(FederatedMethod):
     name = "fedplora"
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared",
-                 aggregate_over: str = "participants", unselected: str = "fold") -> None:
-        super().__init__(plora, weighting, seed)
+                 aggregate_over: str = "participants", unselected: str = "fold", aggregator=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator)
         # the three options of the module docstring; their values are checked by RunConfig
         self.selection, self.aggregate_over, self.unselected = selection, aggregate_over, unselected
 
     def describe(self) -> str:
+        robust = f", aggregator {self.aggregator.describe()}" if self.robust else ""
         return (f"{self.name} (selection {self.selection}, aggregate over {self.aggregate_over}, "
-                f"unselected pairs {'folded' if self.unselected == 'fold' else 'dropped'})")
+                f"unselected pairs {'folded' if self.unselected == 'fold' else 'dropped'}{robust})")
 
     # ------------------------------------------------------------ server side
     def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
@@ -78,6 +80,9 @@ class FedPLoRA(FederatedMethod):
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
+        if self.robust:  # per pair j over Q_j; with "all", a client that did not train j adds a zero delta
+            trained = [task.config["indices"] for task in tasks]
+            return robust_pair_aggregate(self.aggregator, state, updates, trained, self.aggregate_over == "all")
         raw = [float(u.num_samples) if self.weighting == "samples" else 1.0 for u in updates]
         new: State = {}
         for layer in layer_names(state):

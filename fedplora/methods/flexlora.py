@@ -6,7 +6,17 @@ import torch
 
 from .. import rng
 from ..adapters.model import A_SUFFIX, B_SUFFIX
-from .base import ClientTask, ClientUpdate, LeadingPairsMethod, State, average_heads, layer_names, stack_pairs
+from ..robust import ProductDelta, client_coefficients
+from .base import (
+    ClientTask,
+    ClientUpdate,
+    LeadingPairsMethod,
+    State,
+    average_heads,
+    head_keys,
+    layer_names,
+    stack_pairs,
+)
 
 
 def _to_rank(US: torch.Tensor, V: torch.Tensor, rank: int,
@@ -62,8 +72,8 @@ class FlexLoRA(LeadingPairsMethod):
 
     name = "flexlora"
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr") -> None:
-        super().__init__(plora, weighting, seed)
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr", aggregator=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator)
         if svd not in ("qr", "dense"):
             raise ValueError(f"svd must be 'qr' (stacked factors) or 'dense' (reference), got {svd!r}")
         self.svd = svd
@@ -71,6 +81,8 @@ class FlexLoRA(LeadingPairsMethod):
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
+        if self.robust:
+            return self.robust_flexlora(state, tasks, updates)
         weights, s = self.client_weights(updates), self.plora.scale
         truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
         generator = rng.torch_generator("svd", self.seed)
@@ -81,4 +93,41 @@ class FlexLoRA(LeadingPairsMethod):
             new[layer + A_SUFFIX] = Vt.to(state[layer + A_SUFFIX].dtype)
             new[layer + B_SUFFIX] = (US / s).to(state[layer + B_SUFFIX].dtype)
         new.update(average_heads(state, updates, weights))
+        return new
+
+    def robust_flexlora(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+        """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
+
+        Client i's delta is s (B_i A_i - B0_i A0_i), B0_i A0_i the rank-r_i truncation it was sent (its task's
+        pairs), plus its heads' deltas; norms and distances come from the factors, never a d_out x d_in product.
+        With per-client weights u_i (uniform: 1/n, or 1/m over the Krum-selected) and clip scales c_i the
+        product-space average is dW = sum_i u_i s (B0_i A0_i + c_i (B_i A_i - B0_i A0_i)), stacked and truncated
+        as in ``aggregate``; the heads become global + sum_i u_i c_i (head_i - global).
+        """
+        s = self.plora.scale
+        deltas = [ProductDelta({layer: [(s, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX]),
+                                        (-s, t.arrays[layer + B_SUFFIX], t.arrays[layer + A_SUFFIX])]
+                                for layer in layer_names(state)},
+                               {k: u.arrays[k].double() - state[k].double() for k in head_keys(state)})
+                  for t, u in zip(tasks, updates)]
+        weights, scales = client_coefficients(self.aggregator, deltas)
+        truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
+        generator = rng.torch_generator("svd", self.seed)
+        new: State = {}
+        for layer in layer_names(state):
+            Bs, As = [], []
+            for w, c, t, u in zip(weights, scales, tasks, updates):
+                if w == 0:
+                    continue
+                Bs.append(w * c * u.arrays[layer + B_SUFFIX].double())
+                As.append(u.arrays[layer + A_SUFFIX].double())
+                if c != 1:  # the start's share that the clipped delta leaves
+                    Bs.append(w * (1 - c) * t.arrays[layer + B_SUFFIX].double())
+                    As.append(t.arrays[layer + A_SUFFIX].double())
+            US, Vt = truncate(s * torch.cat(Bs, dim=1), torch.cat(As, dim=0), self.rank, generator)
+            new[layer + A_SUFFIX] = Vt.to(state[layer + A_SUFFIX].dtype)
+            new[layer + B_SUFFIX] = (US / s).to(state[layer + B_SUFFIX].dtype)
+        for k in head_keys(state):
+            step = sum(w * c * d.heads[k] for w, c, d in zip(weights, scales, deltas) if w)
+            new[k] = (state[k].double() + step).to(state[k].dtype)
         return new

@@ -15,6 +15,7 @@ from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_
 from ..adapters.layer import init_pairs_A_
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import LayerFactors, LayerPairs
+from ..robust import ProductDelta, client_coefficients
 from .base import (
     ClientInfo,
     ClientTask,
@@ -81,12 +82,36 @@ class FLoRA(FederatedMethod):
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
+        if self.robust:
+            return self.robust_flora(state, updates)
         weights = self.client_weights(updates)
         new: State = {}
         for layer, D in _deltas(state).items():
             B, A = stack_pairs(weights, updates, layer)  # the stacked global update of this round
             new[layer + DELTA_SUFFIX] = (D.double() + self.plora.scale * (B @ A)).to(D.dtype)
         new.update(average_heads(_heads(state), updates, weights))
+        return new
+
+    def robust_flora(self, state: State, updates: list[ClientUpdate]) -> State:
+        """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
+
+        Client i starts from B = 0, so its delta is s B_i A_i (plus its heads' deltas); norms and distances come
+        from the factors. D gains s sum_i u_i c_i B_i A_i, stacked exactly as in ``aggregate``, with weights u_i
+        (1/n, or 1/m over the Krum-selected) and clip scales c_i; the heads become global + sum_i u_i c_i delta_i.
+        """
+        s, heads = self.plora.scale, _heads(state)
+        deltas = [ProductDelta({layer: [(s, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]
+                                for layer in _deltas(state)},
+                               {k: u.arrays[k].double() - heads[k].double() for k in heads}) for u in updates]
+        weights, scales = client_coefficients(self.aggregator, deltas)
+        kept = [(w * c, u) for w, c, u in zip(weights, scales, updates) if w]
+        new: State = {}
+        for layer, D in _deltas(state).items():
+            B, A = stack_pairs([wc for wc, _ in kept], [u for _, u in kept], layer)
+            new[layer + DELTA_SUFFIX] = (D.double() + s * (B @ A)).to(D.dtype)
+        for k, h in heads.items():
+            step = sum(w * c * d.heads[k] for w, c, d in zip(weights, scales, deltas) if w)
+            new[k] = (h.double() + step).to(h.dtype)
         return new
 
     # ------------------------------------------------------------ client side

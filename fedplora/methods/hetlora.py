@@ -27,8 +27,9 @@ class HetLoRA(LeadingPairsMethod):
 
     name = "hetlora"
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, keep_untrained: bool = True) -> None:
-        super().__init__(plora, weighting, seed)
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, keep_untrained: bool = True,
+                 aggregator=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator)
         self.keep_untrained = keep_untrained
 
     def norm_weights(self, updates: list[ClientUpdate], layer: str) -> list[float]:
@@ -39,7 +40,21 @@ class HetLoRA(LeadingPairsMethod):
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
+        if self.robust:
+            return self.robust_hetlora(state, updates)
         weights = {layer: self.norm_weights(updates, layer) for layer in layer_names(state)}
         new = padded_average(state, updates, weights, self.keep_untrained)
         new.update(average_heads(state, updates, self.client_weights(updates)))
+        return new
+
+    def robust_hetlora(self, state: State, updates: list[ClientUpdate]) -> State:
+        """A robust rule per pair index over the clients whose rank covers it, unweighted: the norm weights are
+        dropped (they grow with the update's norm, which an attacker controls) and so is the zero-padding (a
+        padded zero is not a trained value). ``keep_untrained=False`` still zeroes the pairs nobody trained."""
+        new = self.robust_aggregate(state, updates)
+        if not self.keep_untrained:
+            for layer in layer_names(state):
+                top = max(u.arrays[layer + A_SUFFIX].shape[0] for u in updates)
+                new[layer + A_SUFFIX][top:] = 0
+                new[layer + B_SUFFIX][:, top:] = 0
         return new
