@@ -303,6 +303,11 @@ class HeteroLoRAStrategy(Strategy):
             t0 = time.perf_counter()
             new_state = self.method.aggregate(self.state, tasks, updates)
             self.record.agg_s = time.perf_counter() - t0
+            broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
+            if broken is not None:  # never let a state with NaN or Inf replace the global one
+                self.record.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
+                                                "global state unchanged")
+                return None, None
             self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.record.aggregated = True
@@ -388,25 +393,7 @@ class HeteroLoRAStrategy(Strategy):
             raise UpdateRejected(f"claims {update.num_samples} samples, more than the {declared} its query declared")
 
     def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
-        """Every check before aggregation: the reply's own claims here, then the method's validation.
-
-        A reply must declare the work it was given (its rank and pair indices are the task's:
-        distinct, within [0, R), no more than its rank); the method then checks keys, shapes, the
-        declared upload dtype, finiteness, the sample count and the norm bound.
-        """
-        R, rank = self.method.rank, int(task.config.get("rank", self.method.rank))
-        indices = update.config.get("indices")
-        if indices is not None:
-            if not isinstance(indices, dict):
-                raise UpdateRejected("declared indices must map layer -> list of pair indices")
-            for layer, idx in indices.items():
-                if not isinstance(idx, list) or not all(type(i) is int and 0 <= i < R for i in idx):
-                    raise UpdateRejected(f"{layer}: declared indices {idx!r} are not pair indices in [0, {R})")
-                if len(set(idx)) != len(idx):
-                    raise UpdateRejected(f"{layer}: declared indices {idx} repeat a pair")
-                if len(idx) > rank:
-                    raise UpdateRejected(f"{layer}: {len(idx)} indices declared, more than the client's rank {rank}")
-        for key in ("rank", "indices"):
-            if key in update.config and key in task.config and update.config[key] != task.config[key]:
-                raise UpdateRejected(f"declared {key} differs from the task's ({update.config[key]!r} != {task.config[key]!r})")
+        """Every check before aggregation: the method's ``validate_update``, whose rules are the same for
+        every method (the reply declares exactly the work it was given, then keys, shapes, the declared
+        upload dtype, finiteness, the sample count and the norm bound)."""
         self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)

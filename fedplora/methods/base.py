@@ -11,6 +11,7 @@ and never edits the old one, so a rejected update cannot half-update it.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -167,32 +168,118 @@ class FederatedMethod(ABC):
     @abstractmethod
     def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]: ...
 
+    def expected_update_config(self, task: ClientTask) -> dict[str, Any]:
+        """What an honest reply declares in its config (``client_update``): the rank it was given."""
+        return {"rank": task.config["rank"]}
+
     def validate_update(self, task: ClientTask, update: ClientUpdate, state: State,
                         max_norm: float | None = None) -> None:
-        """Raise UpdateRejected naming what is wrong; aggregation only sees updates that pass."""
+        """Raise UpdateRejected naming what is wrong; aggregation only sees updates that pass.
+
+        The same rules for every method (docs/fault-tolerance.md, "Broken updates"): the sample
+        count, the declared config (exactly ``expected_update_config``), the keys and shapes
+        (``expected_update_shapes``), dense tensors of the declared dtype, finite values, factors
+        whose product cannot overflow that dtype, and the norm bound.
+        """
         n = update.num_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise UpdateRejected(f"num_samples must be a positive integer, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_NUM_SAMPLES:
+            raise UpdateRejected(f"num_samples must be a positive integer of at most 2**53, got {_short(n)}")
+        self.check_declared(task, update.config)
         expected = self.expected_update_shapes(task, state)
-        missing = sorted(set(expected) - set(update.arrays))
-        extra = sorted(set(update.arrays) - set(expected))
+        if not isinstance(update.arrays, dict):
+            raise UpdateRejected(f"update arrays must map key -> tensor, got {type(update.arrays).__name__}")
+        missing = sorted(set(expected) - set(update.arrays), key=str)
+        extra = sorted(set(update.arrays) - set(expected), key=str)
         if missing or extra:
             raise UpdateRejected(f"update keys differ from the task: missing {missing[:3]}, unexpected {extra[:3]}")
         for key, shape in expected.items():
             t = update.arrays[key]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise UpdateRejected(f"{key}: expected shape {tuple(shape)}, got {got}")
+            if not isinstance(t, torch.Tensor):
+                raise UpdateRejected(f"{key}: expected a tensor, got {type(t).__name__}")
+            if t.layout != torch.strided or t.is_meta:
+                raise UpdateRejected(f"{key}: expected a dense tensor with values, got a {t.layout} tensor "
+                                     f"on {t.device}")
+            if tuple(t.shape) != tuple(shape):
+                raise UpdateRejected(f"{key}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
             declared = state[key].dtype if key in state else upload_dtype(state)
             if t.dtype != declared:
                 raise UpdateRejected(f"{key}: expected {str(declared).removeprefix('torch.')} values (the declared "
                                      f"upload dtype), got {str(t.dtype).removeprefix('torch.')}")
             if not bool(torch.isfinite(t).all()):
                 raise UpdateRejected(f"{key}: contains NaN or Inf")
+        self.check_products(update.arrays)
         if max_norm is not None:
-            norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.arrays.values()))
+            norm = math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in update.arrays.values()))
             if norm > max_norm:
                 raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_norm:g}")
+
+    def check_declared(self, task: ClientTask, config: Any) -> None:
+        """The reply's config declares exactly the work it was given: ``expected_update_config(task)``, no
+        key more or less, each value equal to the task's and of its type (2.0 or true is not the rank 2)."""
+        if not isinstance(config, dict):
+            raise UpdateRejected(f"update config must be a mapping, got {type(config).__name__}")
+        expected = self.expected_update_config(task)
+        extra = sorted(set(config) - set(expected), key=str)
+        if extra:
+            raise UpdateRejected(f"update config: unexpected keys {_short(extra)} (a {self.name} reply declares "
+                                 f"only {sorted(expected)})")
+        missing = sorted(set(expected) - set(config))
+        if missing:
+            raise UpdateRejected(f"update config: missing {missing} (a {self.name} reply declares {sorted(expected)})")
+        R, rank = self.rank, task.config.get("rank", self.rank)
+        if "rank" in config and (type(config["rank"]) is not int or not 1 <= config["rank"] <= R):
+            raise UpdateRejected(f"declared rank {_short(config['rank'])} is not an integer in [1, {R}]")
+        indices = config.get("indices")
+        if "indices" in config:
+            if not isinstance(indices, dict):
+                raise UpdateRejected("declared indices must map layer -> list of pair indices")
+            for layer, idx in indices.items():
+                if not isinstance(idx, list) or not all(type(i) is int and 0 <= i < R for i in idx):
+                    raise UpdateRejected(f"{layer}: declared indices {_short(idx)} are not pair indices in [0, {R})")
+                if len(set(idx)) != len(idx):
+                    raise UpdateRejected(f"{layer}: declared indices {_short(idx)} repeat a pair")
+                if len(idx) > rank:
+                    raise UpdateRejected(f"{layer}: declared {len(idx)} indices, more than the client's rank {rank}")
+        for key, value in expected.items():
+            if not _same_json(config[key], value):
+                raise UpdateRejected(f"declared {key} differs from the task's "
+                                     f"({_short(config[key])} != {_short(value)})")
+
+    def check_products(self, arrays: State) -> None:
+        """Finite factors can still overflow once multiplied (FlexLoRA and FLoRA aggregate B @ A): per layer,
+        max(1, s)·||B||·||A|| must stay below the square root of the declared dtype's largest value."""
+        s = max(1.0, abs(float(self.plora.scale)))
+        for key in arrays:
+            if not (isinstance(key, str) and key.endswith(A_SUFFIX)):
+                continue
+            layer = key[: -len(A_SUFFIX)]
+            if layer + B_SUFFIX not in arrays:
+                continue
+            dtype = arrays[key].dtype
+            limit = math.sqrt(torch.finfo(dtype).max)
+            A, B = arrays[key].detach().double(), arrays[layer + B_SUFFIX].detach().double()
+            bound = s * float(A.norm()) * float(B.norm())
+            if not bound <= limit:
+                raise UpdateRejected(f"{layer}: values too large, the product bound max(1, s)·||B||·||A|| = "
+                                     f"{bound:.3g} exceeds {limit:.3g} (the square root of the largest "
+                                     f"{str(dtype).removeprefix('torch.')}), so aggregating B @ A could overflow")
+
+
+MAX_NUM_SAMPLES = 2**53  # the largest sample count a float64 aggregation weight holds exactly
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values, types included (2 vs 2.0 vs true differ; key order does not matter)."""
+    try:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr for a rejection message, cut to one short line (a reply may send anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def head_keys(state: State) -> list[str]:

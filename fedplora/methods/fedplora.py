@@ -33,7 +33,6 @@ from .base import (
     ClientUpdate,
     FederatedMethod,
     State,
-    UpdateRejected,
     average_heads,
     head_keys,
     layer_names,
@@ -151,11 +150,9 @@ class FedPLoRA(FederatedMethod):
             shapes[key] = tuple(state[key].shape)
         return shapes
 
-    def validate_update(self, task, update, state, max_norm=None) -> None:
-        declared = update.config.get("indices")
-        if declared is not None and declared != task.config["indices"]:
-            raise UpdateRejected("the update's indices differ from the pairs the client was assigned")
-        super().validate_update(task, update, state, max_norm)
+    def expected_update_config(self, task: ClientTask) -> dict:
+        """A reply declares the pairs it was assigned (``client_update`` echoes them); the base checks them."""
+        return {"indices": task.config["indices"]}
 
     # ------------------------------------------------------------ measurement
     def client_start_factors(self, task: ClientTask) -> LayerFactors:
