@@ -115,9 +115,10 @@ def dp_summary(cfg: RunConfig, strategy: HeteroLoRAStrategy) -> dict[str, Any]:
     """The run's privacy for summary.json: the settings, the sigma used and what was spent at dp_delta."""
     acc = strategy.accountant
     out = {"mode": cfg.dp_mode, "clip": cfg.dp_clip, "noise_multiplier": acc.noise_multiplier, "delta": acc.delta,
-           "target_epsilon": cfg.target_epsilon, "epsilon": strategy.dp_epsilon(), "rounds_accounted": acc.rounds,
-           "sampling_rate": acc.q}
-    if cfg.dp_mode == "local":
+           "target_epsilon": cfg.target_epsilon, "epsilon": strategy.dp_epsilon(), "rounds_accounted": acc.rounds}
+    if cfg.dp_mode == "central":
+        out["sampling_rate"] = acc.q  # local DP has no amplification by sampling (q = 1 per client)
+    else:
         out["client_epsilon"] = {str(c): strategy.client_epsilon(c) for c in sorted(strategy.dp_uploads)}
         out["client_uploads"] = {str(c): n for c, n in sorted(strategy.dp_uploads.items())}
     return out
