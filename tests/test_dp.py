@@ -197,6 +197,19 @@ def test_valid_dp_and_byzantine_settings_pass():
     RunConfig(num_clients=10, clients_per_round=10, byzantine_fraction=0.2, aggregator="median").validate()
 
 
+def test_the_strategy_refuses_a_method_without_the_runs_dp_option():
+    from fedplora.federation.client_app import method_options
+    from fedplora.federation.strategy import HeteroLoRAStrategy
+
+    cfg = RunConfig(rank=4, ranks=[2, 4], rank_shares=[1.0, 1.0], **CENTRAL).validate()
+    opts = method_options(cfg)
+    assert opts["dp"] == CentralDP(1.0, 1.0, 2, (2, 4), (5.0, 5.0))  # 10 clients, budgets 2 and 4 at 1:1
+    HeteroLoRAStrategy(FedPLoRA(CFG, **opts), cfg)
+    for dp in (None, _dp(clip=1.0, sigma=0.5)):
+        with pytest.raises(ValueError, match="not built with this run's dp option"):
+            HeteroLoRAStrategy(FedPLoRA(CFG, dp=dp), cfg)
+
+
 # ---------------------------------------------------------------- real rounds in one process
 def _central(assets, **kw):
     return _small_cfg(assets, **{**dict(num_clients=4, clients_per_round=2, dp_mode="central", dp_clip=0.5,

@@ -158,10 +158,12 @@ class HeteroLoRAStrategy(Strategy):
         from ..privacy import Accountant
         from .client_app import dp_noise_multiplier
 
-        if cfg.dp_mode == "central" and getattr(self.method, "dp", None) is None:
-            raise ValueError("dp_mode central: the method was built without its dp option (use method_options(cfg))")
-        return Accountant(q=cfg.clients_per_round / cfg.num_clients, noise_multiplier=dp_noise_multiplier(cfg),
-                          delta=cfg.dp_delta, mode=cfg.dp_mode)
+        sigma, dp = dp_noise_multiplier(cfg), getattr(self.method, "dp", None)
+        if cfg.dp_mode == "central" and (dp is None or (dp.clip, dp.noise_multiplier) != (cfg.dp_clip, sigma)):
+            raise ValueError("dp_mode central: the method was not built with this run's dp option "
+                             "(use method_options(cfg)); the accountant must count the noise actually added")
+        return Accountant(q=cfg.clients_per_round / cfg.num_clients, noise_multiplier=sigma, delta=cfg.dp_delta,
+                          mode=cfg.dp_mode)
 
     def dp_epsilon(self) -> float | None:
         """Epsilon spent so far at dp_delta. Central: the accountant's (one step per released aggregate). Local:
