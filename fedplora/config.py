@@ -102,6 +102,10 @@ def _device(name: str) -> str | None:
     return f"must be auto, cpu, cuda, cuda:N or mps, got {name!r} (--device)"
 
 
+def _finite(value: float) -> str | None:
+    return None if math.isfinite(value) else f"must be finite, got {value!r}"
+
+
 def _column(name: str) -> str | None:
     return None if name.strip() else f"must be a column name, got {name!r}"
 
@@ -175,6 +179,20 @@ class RunConfig:
     krum_f: int = setting(1, "krum: assumed number of Byzantine clients per round (a round needs more than "
                              "2*krum_f+2 replies)", ge=0)
     krum_m: int = setting(1, "krum: clients selected and averaged (1 = Krum, more = multi-Krum)", ge=1)
+    # differential privacy (docs/robustness.md, "Differential privacy"; fedplora/privacy.py)
+    dp_mode: str = setting("off", "client-level differential privacy: none (off), the server clips each update and "
+                                  "noises the sums (central, trusted server), or each client clips and noises its "
+                                  "own update before upload (local)", choices=("off", "central", "local"))
+    dp_clip: float | None = setting(None, "DP: L2 bound C on a client's whole update (all its pairs and heads)",
+                                    gt=0, check=_finite)
+    dp_noise_multiplier: float | None = setting(None, "DP: sigma, the noise std is sigma * dp_clip (0 = clipping "
+                                                      "only, no privacy); or set target_epsilon", ge=0,
+                                                check=_finite)
+    dp_delta: float = setting(1e-5, "DP: the delta of the reported (epsilon, delta); keep it below 1/num_clients",
+                              gt=0, lt=1)
+    target_epsilon: float | None = setting(None, "DP: CHOOSES dp_noise_multiplier, once before the run, as the "
+                                                 "smallest sigma that spends at most this epsilon over the planned "
+                                                 "rounds (the run is never stopped early)", gt=0, check=_finite)
     # data
     partitioner: str = setting("iid", "how the training data is split over clients (docs/tasks.md)",
                                choices=PARTITIONERS)
@@ -324,9 +342,44 @@ class RunConfig:
             need(self.krum_m <= self.min_replies - self.krum_f,
                  f"krum_m: {self.krum_m} is more than min_replies - krum_f = {self.min_replies - self.krum_f}, the "
                  "clients Krum can select in the smallest aggregated round; lower --krum-m or raise --min-replies")
+        if self.byzantine_fraction > 0 and self.aggregator != "mean":  # mean is the undefended baseline
+            from .robust import tolerates
+
+            attackers = int(round(self.byzantine_fraction * self.num_clients))
+            expected = math.ceil(self.clients_per_round * attackers / self.num_clients - 1e-9)
+            problem = tolerates(self.aggregator, self.clients_per_round, expected, trim_fraction=self.trim_fraction,
+                                clip_multiplier=self.clip_multiplier, krum_f=self.krum_f, krum_m=self.krum_m)
+            need(problem is None, f"byzantine_fraction: {self.byzantine_fraction:g} of {self.num_clients} clients "
+                                  f"puts about {expected} Byzantine in a round of {self.clients_per_round}, and "
+                                  f"{problem}")
+        self._dp_checks(need)
         need(self.quantization == "none" or self.fold == "branch",
              f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "
              "use --fold branch with --quantization")
+
+    def _dp_checks(self, need: Callable[[bool, str], None]) -> None:
+        """The DP settings together (ranges of each alone: their declarations; accounting: at the run's start)."""
+        if self.dp_mode == "off":
+            given = [n for n in ("dp_clip", "dp_noise_multiplier", "target_epsilon") if getattr(self, n) is not None]
+            need(not given, f"{given[0] if given else ''}: is set but dp_mode is off, so no privacy would be applied; "
+                            "set --dp-mode central or local, or unset it")
+            return
+        need(self.dp_clip is not None, f"dp_clip: dp_mode={self.dp_mode} needs the L2 clipping norm C; set --dp-clip")
+        need(self.dp_noise_multiplier is not None or self.target_epsilon is not None,
+             f"dp_noise_multiplier: dp_mode={self.dp_mode} needs --dp-noise-multiplier or --target-epsilon "
+             "(which chooses it); set one of them")
+        from .privacy import check_dp_settings
+
+        check_dp_settings(self.dp_clip, self.dp_noise_multiplier, self.dp_delta, self.target_epsilon, self.dp_mode)
+        if self.dp_mode == "central":
+            need(self.method not in ("flexlora", "flora"),
+                 f"dp_mode: central DP is not defined for {self.method}: it aggregates the clients' products B_i A_i, "
+                 "so the Gaussian noise would go on a dense d_out x d_in sum per layer, not on pairs; use "
+                 "--dp-mode local, or fedplora, fedit or hetlora")
+            need(self.aggregator == "mean",
+                 f"aggregator: central DP releases the noisy sum of clipped updates, which {self.aggregator} does not "
+                 "compute (its sensitivity is not C); use --aggregator mean with --dp-mode central (local DP "
+                 "allows any aggregator)")
 
 
 # ------------------------------------------------------------------ derived from the declarations

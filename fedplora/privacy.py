@@ -443,6 +443,34 @@ def noisy_pair_mean(sums: Mapping[str, Tensor], expected_counts: Mapping[str, Te
     return out
 
 
+@dataclass(frozen=True)
+class CentralDP:
+    """A method's central-DP option: the clip C, the resolved sigma and the budget profile the fixed divisors
+    come from (``expected_pair_counts``): the run's ``clients_per_round``, its rank groups' budgets and their
+    shares of the clients (the exact group sizes, or the declared shares). The method decides the selection."""
+
+    clip: float
+    noise_multiplier: float
+    clients_per_round: int
+    budgets: tuple[int, ...]
+    shares: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_clip(self.clip)
+        check_noise_multiplier(self.noise_multiplier)
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip
+
+    def pair_counts(self, rank: int, selection: str, budgets: Sequence[int] | None = None,
+                    shares: Sequence[float] | None = None) -> Tensor:
+        """``expected_pair_counts`` for this profile (or the given ``budgets``/``shares``, e.g. FedIT's one rank)."""
+        if budgets is None:
+            budgets, shares = self.budgets, self.shares
+        return expected_pair_counts(self.clients_per_round, rank, list(budgets), shares, selection)
+
+
 # ------------------------------------------------------------------ local DP
 def privatize_local(delta: Mapping[str, Tensor], clip: float, noise_multiplier: float,
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -466,7 +494,7 @@ def privatize_local(delta: Mapping[str, Tensor], clip: float, noise_multiplier: 
 
 
 __all__ = [
-    "DEFAULT_DELTA", "MODES", "ORDERS", "Accountant", "check_clip", "check_delta", "check_dp_settings", "check_mode",
+    "DEFAULT_DELTA", "MODES", "ORDERS", "Accountant", "CentralDP", "check_clip", "check_delta", "check_dp_settings", "check_mode",
     "check_noise_multiplier", "check_target_epsilon", "clip_delta", "epsilon_spent", "expected_pair_counts",
     "local_epsilon", "local_noise_for_target_epsilon", "noise_for_target_epsilon", "noisy_pair_mean", "pair_divisors",
     "privatize_local", "resolve_noise_multiplier", "update_norm",

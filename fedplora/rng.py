@@ -36,6 +36,8 @@ STREAMS: dict[str, tuple[str, ...]] = {
     "problem_order": (),                           # the order of code problems
     "svd": (),                                     # randomized linear algebra in a method (FlexLoRA)
     "flora_init": ("round", "cid", "layer"),       # FLoRA's fresh A of a client's layer each round
+    "dp_noise": ("round",),                        # central DP: the server's noise on a round's sums
+    "dp_local_noise": ("round", "cid"),            # local DP: a client's noise on its upload
 }
 _IDS = {name: zlib.crc32(name.encode()) for name in STREAMS}
 assert len(set(_IDS.values())) == len(_IDS), "two stream names hash alike: rename one"

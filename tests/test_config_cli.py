@@ -121,7 +121,9 @@ def _non_default(s):
                "targets": ("q_proj,v_proj", ["q_proj", "v_proj"]), "min_replies": ("2", 2),
                "partition_column": ("category", "category"), "out": ("runs/x", "runs/x"),
                "max_update_norm": ("2.5", 2.5), "device": ("cpu", "cpu"), "client_gpus": ("0.25", 0.25),
-               "gradient_checkpointing": ("", True)}
+               "gradient_checkpointing": ("", True),
+               # a fraction the sampled aggregator (norm_clip) tolerates; local DP, which every method allows
+               "byzantine_fraction": ("0.1", 0.1), "dp_mode": ("local", "local")}
     if s.name in samples:
         return samples[s.name]
     if s.rule.choices:
@@ -137,7 +139,8 @@ def _non_default(s):
 
 def test_every_flag_sets_its_setting(tmp_path):
     argv, expected = ["run"], {}
-    apart = {"quantization"}  # a quantized base refuses fold=merge: checked on its own below
+    # a quantized base refuses fold=merge, target_epsilon chooses dp_noise_multiplier: checked on their own below
+    apart = {"quantization", "target_epsilon"}
     for s in SETTINGS:
         if s.name in apart:
             continue
@@ -154,6 +157,10 @@ def test_every_flag_sets_its_setting(tmp_path):
     assert quantized.quantization == "4bit" and quantized.fold == "branch"
     with pytest.raises(ConfigError, match="fold: 'merge' adds pairs into the base weight"):
         config_from_args(build_parser().parse_args(["run", "--quantization", "8bit", "--fold", "merge"]))
+    dp = ["run", "--dp-mode", "central", "--dp-clip", "1.5"]
+    assert config_from_args(build_parser().parse_args(dp + ["--target-epsilon", "2.5"])).target_epsilon == 2.5
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_args(build_parser().parse_args(dp + ["--target-epsilon", "2.5", "--dp-noise-multiplier", "1"]))
 
 
 def test_toml_round_trip_with_awkward_strings(tmp_path):

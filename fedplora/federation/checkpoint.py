@@ -4,8 +4,9 @@ Layout in the run folder::
 
     checkpoint/state-r00003.safetensors   the global state (every method keeps all of it in tensors)
     checkpoint/checkpoint.json            the commit record: round, history, config, RNG states, the
-                                          manifest (model identity, state keys/shapes/dtypes) and the
-                                          state file's size and SHA-256
+                                          manifest (model identity, state keys/shapes/dtypes), the
+                                          state file's size and SHA-256, and (with dp_mode on) the
+                                          privacy accountant's state
 
 Both are written to a temp name, flushed and renamed; checkpoint.json is renamed last, so
 it always names a complete state file (a crash in between leaves the previous checkpoint
@@ -49,6 +50,7 @@ class Checkpoint:
     history: list[dict[str, Any]]
     elapsed_s: float
     rng: dict[str, Any]
+    privacy: dict[str, Any] | None = None  # the privacy accounting (HeteroLoRAStrategy.privacy_state)
 
 
 def record_path(out: Path) -> Path:
@@ -86,8 +88,10 @@ def restore_rng(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, rnd: int, state: State, history: list[dict[str, Any]], cfg: RunConfig,
-                    model_id: str | None, elapsed_s: float) -> Path:
-    """Write the checkpoint of round ``rnd``; the previous one stays valid until this one is complete."""
+                    model_id: str | None, elapsed_s: float, privacy: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint of round ``rnd``; the previous one stays valid until this one is complete.
+
+    ``privacy``: the run's privacy accounting (JSON), kept so that a resumed run continues the count exactly."""
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     # contiguous: SVD-based states (FlexLoRA) hold transposed views; clone: no shared storage
@@ -97,6 +101,8 @@ def save_checkpoint(out: Path, rnd: int, state: State, history: list[dict[str, A
     record = {"format": FORMAT, "round": rnd, "manifest": manifest(cfg, model_id, state),
               "state_file": state_file.name, "state_bytes": len(data), "state_sha256": hashlib.sha256(data).hexdigest(),
               "config": cfg.to_dict(), "elapsed_s": elapsed_s, "rng": rng_states(), "history": history}
+    if privacy is not None:
+        record["privacy"] = privacy
     _write_atomic(folder / RECORD, json.dumps(record, default=float).encode())
     for old in folder.glob("state-r*.safetensors"):  # only now is the previous state no longer needed
         if old.name != state_file.name:
@@ -172,8 +178,10 @@ def load_checkpoint(out: Path, cfg: RunConfig, model_id: str | None, reference: 
             k = next(k for k in sorted(set(layout) | set(expected["state"])) if layout.get(k) != expected["state"].get(k))
             raise CheckpointError(f"{path}: the {name}'s state {k!r} is {layout.get(k)} (shape, dtype), this model "
                                   f"needs {expected['state'].get(k)}; was the model changed?")
+    state = {k: state[k] for k in reference}  # the run's key order (a safetensors file does not keep it), which
+    # a method may read: Fed-PLoRA's per_layer selection numbers the layers in the state's order
     return Checkpoint(round=int(record["round"]), state=state, history=record["history"],
-                      elapsed_s=float(record["elapsed_s"]), rng=record["rng"])
+                      elapsed_s=float(record["elapsed_s"]), rng=record["rng"], privacy=record.get("privacy"))
 
 
 def start_fresh(out: Path) -> None:

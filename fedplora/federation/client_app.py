@@ -12,6 +12,7 @@ own files (``DEVICE_LOCAL_SETTINGS``) come from its node config instead
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
 from . import attacks
-from .heterogeneity import assign_budgets, round_budget
+from .heterogeneity import assign_budgets, group_sizes, round_budget
 from .messages import read_task, update_content
 
 app = ClientApp()
@@ -45,12 +46,40 @@ def plora_config(cfg: RunConfig) -> PLoRAConfig:
                        fold=cfg.fold)
 
 
+@functools.lru_cache(maxsize=16)
+def _resolve_noise(noise_multiplier, target_epsilon, rounds, q, delta, mode) -> float:
+    from ..privacy import resolve_noise_multiplier
+
+    return resolve_noise_multiplier(noise_multiplier, target_epsilon, rounds, q, delta, mode)
+
+
+def dp_noise_multiplier(cfg: RunConfig) -> float | None:
+    """The run's sigma, resolved once per process: ``dp_noise_multiplier``, or the one ``target_epsilon`` chooses
+    for the planned ``rounds`` at q = clients_per_round / num_clients (central) or q = 1 (local); None when off."""
+    if cfg.dp_mode == "off":
+        return None
+    return _resolve_noise(cfg.dp_noise_multiplier, cfg.target_epsilon, cfg.rounds,
+                          cfg.clients_per_round / cfg.num_clients, cfg.dp_delta, cfg.dp_mode)
+
+
+def central_dp(cfg: RunConfig):
+    """The methods' ``dp`` option under ``dp_mode = "central"``: clip, sigma and the declared budget profile (the
+    exact group sizes of ``ranks``/``rank_shares`` over ``num_clients``, as the simulation assigns them)."""
+    from ..privacy import CentralDP
+
+    return CentralDP(clip=cfg.dp_clip, noise_multiplier=dp_noise_multiplier(cfg),
+                     clients_per_round=cfg.clients_per_round, budgets=tuple(cfg.ranks),
+                     shares=tuple(float(n) for n in group_sizes(cfg.num_clients, cfg.rank_shares)))
+
+
 def method_options(cfg: RunConfig) -> dict[str, Any]:
     from ..robust import Aggregator
 
     opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed,
                             "aggregator": Aggregator(cfg.aggregator, cfg.trim_fraction, cfg.clip_multiplier,
                                                      cfg.krum_f, cfg.krum_m)}
+    if cfg.dp_mode == "central":
+        opts["dp"] = central_dp(cfg)
     if cfg.method == "fedplora":
         opts.update(selection=cfg.selection, aggregate_over=cfg.aggregate_over, unselected=cfg.unselected)
     if cfg.method == "fedit":
@@ -215,6 +244,22 @@ def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) 
     return cid in down.tolist()
 
 
+def local_private_update(cfg: RunConfig, server_round: int, cid: int, update, start):
+    """Local DP (``dp_mode = "local"``): the upload becomes start + privatize_local(upload - start).
+
+    ``start`` is what the client would upload without training (the pairs and heads it received, FLoRA's fresh
+    adapter), so the delta is exactly what training changed; its clipped, noised version is added back in float64
+    and cast to the upload dtype. The noise comes from the stream ``dp_local_noise`` (seed, round, client).
+    """
+    from ..privacy import privatize_local
+
+    delta = {k: t.detach().double() - start[k].detach().double() for k, t in update.arrays.items()}
+    noisy = privatize_local(delta, cfg.dp_clip, dp_noise_multiplier(cfg),
+                            rng.torch_generator("dp_local_noise", cfg.seed, server_round, cid))
+    arrays = {k: (start[k].detach().double() + noisy[k]).to(t.dtype) for k, t in update.arrays.items()}
+    return dataclasses.replace(update, arrays=arrays)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -236,10 +281,13 @@ def train(msg: Message, context: Context) -> Message:
     byzantine = cid in attacks.attackers(cfg)  # an attack injected for tests (attacks.py); honest clients skip this
     if byzantine and cfg.attack == "label_flip":
         data = attacks.poisoned_data(rt.task, data, rt.encoded, cid)
-    start = method.client_update(rt.model, task, num_samples=len(data)).arrays if byzantine else None
+    private = cfg.dp_mode == "local"
+    start = method.client_update(rt.model, task, num_samples=len(data)).arrays if byzantine or private else None
     metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
     update = method.client_update(rt.model, task, num_samples=len(data))
+    if private:  # local DP: clipped and noised here, before anything leaves the client
+        update = local_private_update(cfg, server_round, cid, update, start)
     if byzantine:
         update = attacks.attack_update(cfg, server_round, cid, update, start)
     metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,

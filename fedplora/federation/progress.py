@@ -40,10 +40,11 @@ class Progress:
         ranks = " ".join(f"{c['cid']}:r{c['rank']}" for c in entry["clients"])
         loss = f"loss {entry['train_loss']:.4f}" if entry.get("train_loss") is not None else ""
         fails = f"  [red]{len(entry['failures'])} failed[/red]" if entry.get("failures") else ""
+        eps = f"  epsilon {entry['dp_epsilon']:.3g}" if "dp_epsilon" in entry else ""  # DP runs only
         self.console.print(
             f"[bold]round {entry['round']}/{rounds}[/bold]  clients {ranks}  {loss}  [green]{value}[/green]  "
             f"up {entry['bytes_up'] / 1e6:.2f} MB  down {entry['bytes_down'] / 1e6:.2f} MB  "
-            f"{noise_line(entry)}  {entry['wall_s']:.1f}s{fails}")
+            f"{noise_line(entry)}{eps}  {entry['wall_s']:.1f}s{fails}")
 
     def done(self, summary: dict[str, Any], out: Path) -> None:
         if self.console is None:

@@ -53,10 +53,10 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     model = get_plora_model(task.build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     model_id = getattr(task, "model_path", cfg.model)
-    state, history, elapsed = method.init_state(model), [], 0.0
+    state, history, elapsed, privacy = method.init_state(model), [], 0.0, None
     if resume:  # every check passes before anything in ``out`` is touched
         ckpt = load_checkpoint(out, cfg, model_id, state)
-        state, history, elapsed = ckpt.state, ckpt.history, ckpt.elapsed_s
+        state, history, elapsed, privacy = ckpt.state, ckpt.history, ckpt.elapsed_s, ckpt.privacy
         restore_rng(ckpt.rng)
     else:
         start_fresh(out)
@@ -64,7 +64,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         (out / "config.toml").write_text(cfg.to_toml())
         # the clients' partitions, as every client computes them: sizes and label histograms
         write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.partition_column))
-    strategy = HeteroLoRAStrategy(method, cfg, progress=progress)
+    strategy = HeteroLoRAStrategy(method, cfg, progress=progress)  # with DP: sigma resolved here, once
+    if resume:
+        strategy.load_privacy_state(privacy)  # the privacy count continues exactly where the checkpoint left it
 
     progress.status("waiting for clients")
     strategy.discover(grid, timeout=cfg.connect_timeout)
@@ -81,7 +83,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         rnd = entry["round"]
         if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             save_checkpoint(out, rnd, arrays_to_state(arrays), strategy.history, cfg, model_id,
-                            elapsed + time.perf_counter() - t_start)
+                            elapsed + time.perf_counter() - t_start, privacy=strategy.privacy_state())
 
     if history:
         progress.status(f"resuming after round {len(history) - 1} (checkpoint in {out})")
@@ -101,10 +103,25 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         "failures_total": sum(len(h.get("failures", [])) for h in history),
         "wall_s": elapsed + time.perf_counter() - t_start,
     }
+    if strategy.accountant is not None:
+        summary.update(dp_epsilon=strategy.dp_epsilon(), dp=dp_summary(cfg, strategy))
     plot_run(summary, out / "metrics.png")
     write_json(out / "summary.json", summary)  # last: its presence means the run's outputs are complete
     progress.done(summary, out)
     return summary
+
+
+def dp_summary(cfg: RunConfig, strategy: HeteroLoRAStrategy) -> dict[str, Any]:
+    """The run's privacy for summary.json: the settings, the sigma used and what was spent at dp_delta."""
+    acc = strategy.accountant
+    out = {"mode": cfg.dp_mode, "clip": cfg.dp_clip, "noise_multiplier": acc.noise_multiplier, "delta": acc.delta,
+           "target_epsilon": cfg.target_epsilon, "epsilon": strategy.dp_epsilon(), "rounds_accounted": acc.rounds}
+    if cfg.dp_mode == "central":
+        out["sampling_rate"] = acc.q  # local DP has no amplification by sampling (q = 1 per client)
+    else:
+        out["client_epsilon"] = {str(c): strategy.client_epsilon(c) for c in sorted(strategy.dp_uploads)}
+        out["client_uploads"] = {str(c): n for c, n in sorted(strategy.dp_uploads.items())}
+    return out
 
 
 # the run-config keys of the app (pyproject.toml, [tool.flwr.app.config]); the settings themselves

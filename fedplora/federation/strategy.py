@@ -114,6 +114,7 @@ class RoundRecord:
     attempts: int = 1
     # the sampled clients that are Byzantine (attacks.py): for measuring an aggregator, which never sees it
     attackers: list[int] = dataclasses.field(default_factory=list)
+    dp_epsilon: float | None = None  # the privacy spent after this round (dp_mode on only)
 
     def fail(self, cid: int | None, stage: str, reason: str) -> None:
         """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
@@ -121,11 +122,14 @@ class RoundRecord:
 
     def entry(self) -> dict[str, Any]:
         """The round's history entry (metrics and wall time are added by the server loop)."""
-        return {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
-                "agg_s": self.agg_s, "measure_s": self.measure_s,
-                "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
-                "clients": self.clients, "failures": self.failures, "attackers": self.attackers}
+        entry = {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                 **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
+                 "agg_s": self.agg_s, "measure_s": self.measure_s,
+                 "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
+                 "clients": self.clients, "failures": self.failures, "attackers": self.attackers}
+        if self.dp_epsilon is not None:
+            entry["dp_epsilon"] = self.dp_epsilon
+        return entry
 
 
 class HeteroLoRAStrategy(Strategy):
@@ -144,6 +148,57 @@ class HeteroLoRAStrategy(Strategy):
         self.record = RoundRecord(round=0)
         attacks.check_task(cfg)  # an attack the task cannot carry is refused before the first round
         self.attackers = attacks.attackers(cfg)  # for the history only; aggregation never reads it
+        self.accountant, self.dp_uploads = self._accountant(cfg), {}  # cid -> noisy uploads it was asked for
+
+    # ------------------------------------------------------------ differential privacy
+    def _accountant(self, cfg: RunConfig):
+        """The run's privacy accountant (None when dp_mode is off); sigma is resolved here, once per run."""
+        if cfg.dp_mode == "off":
+            return None
+        from ..privacy import Accountant
+        from .client_app import dp_noise_multiplier
+
+        sigma, dp = dp_noise_multiplier(cfg), getattr(self.method, "dp", None)
+        if cfg.dp_mode == "central" and (dp is None or (dp.clip, dp.noise_multiplier) != (cfg.dp_clip, sigma)):
+            raise ValueError("dp_mode central: the method was not built with this run's dp option "
+                             "(use method_options(cfg)); the accountant must count the noise actually added")
+        return Accountant(q=cfg.clients_per_round / cfg.num_clients, noise_multiplier=sigma, delta=cfg.dp_delta,
+                          mode=cfg.dp_mode)
+
+    def dp_epsilon(self) -> float | None:
+        """Epsilon spent so far at dp_delta. Central: the accountant's (one step per released aggregate). Local:
+        the worst client's, over the noisy uploads it was asked for (every attempt it was sent work in)."""
+        if self.accountant is None:
+            return None
+        if self.cfg.dp_mode == "central":
+            return self.accountant.epsilon
+        return max((self.client_epsilon(c) for c in self.dp_uploads), default=0.0)
+
+    def client_epsilon(self, cid: int) -> float:
+        """Local DP: client ``cid``'s epsilon (``privacy.local_epsilon`` over its uploads)."""
+        from ..privacy import local_epsilon
+
+        acc = self.accountant
+        return local_epsilon(self.dp_uploads.get(cid, 0), acc.noise_multiplier, acc.delta)
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the privacy accounting (JSON), or None when dp_mode is off."""
+        if self.accountant is None:
+            return None
+        return {"accountant": self.accountant.state_dict(),
+                "uploads": {str(c): n for c, n in sorted(self.dp_uploads.items())}}
+
+    def load_privacy_state(self, state: dict[str, Any] | None) -> None:
+        """Continue a checkpoint's privacy count exactly (a resumed run)."""
+        from ..errors import CheckpointError
+
+        if self.accountant is None:
+            return
+        if state is None:
+            raise CheckpointError(f"the checkpoint has no privacy accounting, and this run has dp_mode="
+                                  f"{self.cfg.dp_mode}: resume it with the settings it started with")
+        self.accountant.load_state_dict(state["accountant"])
+        self.dp_uploads = {int(c): int(n) for c, n in state["uploads"].items()}
 
     # ------------------------------------------------------------ discovery
     def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
@@ -232,6 +287,8 @@ class HeteroLoRAStrategy(Strategy):
             history.append({"round": 0, "metrics": dict(metrics or {}), "bytes_up": 0, "bytes_down": 0,
                             **noise_entry(0.0, 0.0, 0.0, 0.0), "eval_s": time.perf_counter() - t_eval,
                             "wall_s": 0.0, "clients": []})
+            if self.accountant is not None:
+                history[-1]["dp_epsilon"] = self.dp_epsilon()
             self._finish_round(result, history[-1], metrics, arrays, on_round)
         attempts = 1 + (self.cfg.max_round_retries if self.cfg.on_too_few_replies == "retry" else 0)
         for rnd in range(len(history), num_rounds + 1):
@@ -284,6 +341,8 @@ class HeteroLoRAStrategy(Strategy):
         for info in infos:
             task = self.method.configure_client(self.state, info, server_round)
             self._pending[self.nodes[info.cid]] = (info.cid, task)
+            if self.cfg.dp_mode == "local":  # it may upload a noisy update: counted whether or not it arrives
+                self.dp_uploads[info.cid] = self.dp_uploads.get(info.cid, 0) + 1
             content = task_content(task, self.setup, server_round)
             content["config"]["attempt"] = attempt
             messages.append(Message(content=content, message_type="train", dst_node_id=self.nodes[info.cid]))
@@ -294,14 +353,22 @@ class HeteroLoRAStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the valid replies; with fewer than ``min_replies`` nothing changes (None, None)."""
         accepted = self.collect(replies)
+        if self.cfg.dp_mode == "local":
+            for a in accepted:
+                a.client["dp_epsilon"] = self.client_epsilon(a.cid)
         if len(accepted) < self.cfg.min_replies:
             self.record.fail(None, "round", f"only {len(accepted)} valid replies, min_replies={self.cfg.min_replies}: "
                                             "nothing aggregated, global state unchanged")
+            self.record.dp_epsilon = self.dp_epsilon()
             return None, None
         tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
         with one_thread():  # reductions split across threads round differently under load: bit-reproducible
             t0 = time.perf_counter()
-            new_state = self.method.aggregate(self.state, tasks, updates)
+            if self.cfg.dp_mode == "central":  # the noisy sums of clipped deltas, noise seeded by the round
+                new_state = self.method.private_aggregate(self.state, tasks, updates,
+                                                          rng.torch_generator("dp_noise", self.cfg.seed, server_round))
+            else:
+                new_state = self.method.aggregate(self.state, tasks, updates)
             self.record.agg_s = time.perf_counter() - t0
             broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
             if broken is not None:  # never let a state with NaN or Inf replace the global one
@@ -311,6 +378,9 @@ class HeteroLoRAStrategy(Strategy):
             self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.record.aggregated = True
+        if self.accountant is not None:  # one step per aggregate actually released
+            self.accountant.step()
+            self.record.dp_epsilon = self.dp_epsilon()
         return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
                                                         "bytes-down": self.record.bytes_down})
 

@@ -26,6 +26,7 @@ from ..adapters.layer import MASTER_DTYPE
 from ..adapters.model import A_SUFFIX, B_SUFFIX, adapter_factors
 from ..errors import UpdateRejected
 from ..measure import LayerFactors, LayerPairs, mean_of_products
+from ..privacy import CentralDP, clip_delta, noisy_pair_mean, pair_divisors
 from ..robust import Aggregator, UnitDelta, combine, refusal
 
 State = dict[str, torch.Tensor]
@@ -64,14 +65,20 @@ class ClientUpdate:
 class FederatedMethod(ABC):
     name: ClassVar[str]
     ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
+    # why central DP is not defined for the method (one line), or None (docs/robustness.md, "Differential privacy")
+    dp_refusal: ClassVar[str | None] = None
 
     def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0,
-                 aggregator: Aggregator | str | None = None) -> None:
+                 aggregator: Aggregator | str | None = None, dp: CentralDP | None = None) -> None:
         """``weighting``: "samples" or "uniform" (the run setting, checked by RunConfig).
 
         ``aggregator``: how ``aggregate`` combines the clients (``fedplora.robust``; a name or an ``Aggregator``
         with its parameters). The default, mean, is the method's own aggregation, untouched; a robust rule
         the method does not define raises one ValueError line here, before any round.
+
+        ``dp``: central differential privacy (``fedplora.privacy.CentralDP``): the server releases
+        ``private_aggregate`` instead of ``aggregate``. It needs the mean aggregator; a method that does not
+        define it (``dp_refusal``) raises one ValueError line here.
         """
         self.plora = plora
         self.weighting = weighting
@@ -80,6 +87,13 @@ class FederatedMethod(ABC):
         problem = refusal(self.aggregator.name, self.name)
         if problem:
             raise ValueError(problem)
+        self.dp = dp
+        if dp is not None:
+            if self.dp_refusal:
+                raise ValueError(f"central DP is not defined for {self.name}: {self.dp_refusal}")
+            if self.robust:
+                raise ValueError(f"central DP releases the noisy sum of clipped updates; aggregator "
+                                 f"{self.aggregator.name} does not compute it: use the mean aggregator")
 
     @property
     def robust(self) -> bool:
@@ -110,6 +124,28 @@ class FederatedMethod(ABC):
 
     @abstractmethod
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State: ...
+
+    # ------------------------------------------------------------ central differential privacy
+    def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
+        """Per layer, the global pair indices the update's rows (A) and columns (B) hold, in order."""
+        raise NotImplementedError(f"{self.name} does not define central DP")
+
+    def dp_pair_counts(self) -> torch.Tensor:
+        """The fixed expected number of a round's clients that train each pair index (``privacy.expected_pair_counts``
+        under the method's selection rule and ``self.dp``'s budget profile)."""
+        raise NotImplementedError(f"{self.name} does not define central DP")
+
+    def private_aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate],
+                          generator: torch.Generator | None) -> State:
+        """Central DP's release (``self.dp``): global + (sum of clipped deltas per pair + noise) / fixed count.
+
+        Unweighted whatever ``weighting``; ``dp_pair_aggregate`` says what is summed and divided. ``generator``
+        draws the noise (a seeded stream per round: ``rng.torch_generator("dp_noise", seed, round)``).
+        """
+        if self.dp is None:
+            raise ValueError(f"{self.name} was built without central DP (the dp option)")
+        trained = [self.trained_pairs(t, u) for t, u in zip(tasks, updates)]
+        return dp_pair_aggregate(self.dp, state, updates, trained, self.dp_pair_counts(), generator)
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
         """Normalised aggregation weights (sample count by default, uniform as an option)."""
@@ -385,6 +421,41 @@ def robust_pair_aggregate(aggregator: Aggregator, state: State, updates: list[Cl
     return new
 
 
+def dp_pair_aggregate(dp: CentralDP, state: State, updates: list[ClientUpdate], trained: list[dict[str, list[int]]],
+                      pair_counts: torch.Tensor, generator: torch.Generator | None) -> State:
+    """Central DP per pair index (docs/robustness.md, "Differential privacy").
+
+    Client i's delta is its uploaded pairs and heads minus their global values (``trained[i][layer]``: the pair
+    index of each uploaded row of A and column of B). The whole delta, all its tensors together, is clipped to
+    ``dp.clip`` (``privacy.clip_delta``); the clipped deltas are summed without weights per pair index (over the
+    clients that trained it) and per head (over every client); ``privacy.noisy_pair_mean`` adds N(0, (sigma C)^2)
+    to every coordinate of every sum, including pairs nobody trained this round, and divides pair j by
+    ``pair_counts[j]`` and the heads by ``dp.clients_per_round``: fixed numbers, never the round's realised counts.
+    A pair whose expected count is 0 (no client can train it) gets neither noise nor an update. The mean delta
+    is added to the global state in float64, then cast back to the state's dtype.
+    """
+    sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+    layers, heads = layer_names(state), head_keys(state)
+    for u, pairs in zip(updates, trained):
+        delta: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            a, b, idx = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(pairs[layer], dtype=torch.long)
+            delta[a] = u.arrays[a].double() - state[a].double()[idx]
+            delta[b] = u.arrays[b].double() - state[b].double()[:, idx]
+        for key in heads:
+            delta[key] = u.arrays[key].double() - state[key].double()
+        clipped, _, _ = clip_delta(delta, dp.clip)
+        for layer in layers:
+            a, b, idx = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(pairs[layer], dtype=torch.long)
+            sums[a][idx] += clipped[a]
+            sums[b][:, idx] += clipped[b]
+        for key in heads:
+            sums[key] += clipped[key]
+    divisors = pair_divisors(list(sums), pair_counts, dp.clients_per_round)
+    mean = noisy_pair_mean(sums, divisors, dp.noise_std, generator)
+    return {k: (v.double() + mean[k]).to(v.dtype) for k, v in state.items()}
+
+
 class LeadingPairsMethod(FederatedMethod):
     """A client trains a plain rank-r_i LoRA: the first r_i pairs (FedIT, HetLoRA, FlexLoRA).
 
@@ -420,6 +491,11 @@ class LeadingPairsMethod(FederatedMethod):
         trained = [{layer: list(range(u.arrays[layer + A_SUFFIX].shape[0])) for layer in layer_names(state)}
                    for u in updates]
         return robust_pair_aggregate(self.aggregator, state, updates, trained)
+
+    def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
+        """Client i holds the leading pairs 0..r_i-1 of every layer."""
+        return {layer: list(range(update.arrays[layer + A_SUFFIX].shape[0]))
+                for layer in layer_names(update.arrays)}
 
     def client_start_factors(self, task: ClientTask) -> LayerFactors:
         return self.global_factors(task.arrays)

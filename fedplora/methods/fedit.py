@@ -38,8 +38,8 @@ class FedIT(LeadingPairsMethod):
     name = "fedit"
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, variant: str = "ideal",
-                 min_rank: int | None = None, aggregator=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator)
+                 min_rank: int | None = None, aggregator=None, dp=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator, dp)
         self.ignores_budgets = variant == "ideal"
         if variant == "ideal":
             if min_rank is not None:
@@ -70,6 +70,10 @@ class FedIT(LeadingPairsMethod):
             raise ValueError(f"client {client.cid} has budget {client.budget} < min_rank {self.train_rank}: "
                              "min_rank must be the smallest budget in the federation")
         return self.train_rank
+
+    def dp_pair_counts(self):
+        """Central DP: every sampled client trains pairs 0..train_rank-1 (R for "ideal"); nobody the rest."""
+        return self.dp.pair_counts(self.rank, "leading", budgets=[self.train_rank])
 
     def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
         if not updates:

@@ -52,8 +52,9 @@ class FedPLoRA(FederatedMethod):
     name = "fedplora"
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared",
-                 aggregate_over: str = "participants", unselected: str = "fold", aggregator=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator)
+                 aggregate_over: str = "participants", unselected: str = "fold", aggregator=None,
+                 dp=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator, dp)
         # the three options of the module docstring; their values are checked by RunConfig
         self.selection, self.aggregate_over, self.unselected = selection, aggregate_over, unselected
 
@@ -110,6 +111,17 @@ class FedPLoRA(FederatedMethod):
             new[layer + A_SUFFIX], new[layer + B_SUFFIX] = A.to(A_old.dtype), B.to(B_old.dtype)
         new.update(average_heads(state, updates, self.client_weights(updates)))
         return new
+
+    # central DP (base.private_aggregate): pair j summed over the clients that drew it, divided by the count the
+    # selection rule expects: m * sum_g p_g r_g / R for a random draw, the clients whose budget covers j for "fixed",
+    # every sampled client with aggregate_over="all" (a client that did not draw j adds a zero delta to its sum)
+    def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
+        return task.config["indices"]
+
+    def dp_pair_counts(self) -> torch.Tensor:
+        selection = ("everyone" if self.aggregate_over == "all" else
+                     "leading" if self.selection == "fixed" else "random")
+        return self.dp.pair_counts(self.rank, selection)
 
     # ------------------------------------------------------------ client side
     def client_setup(self, model: nn.Module, task: ClientTask) -> None:

@@ -71,9 +71,12 @@ class FlexLoRA(LeadingPairsMethod):
     """
 
     name = "flexlora"
+    dp_refusal = ("it aggregates the clients' products B_i A_i, so the Gaussian noise would go on a dense "
+                  "d_out x d_in sum per layer, not on pairs; use dp_mode local")
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr", aggregator=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator)
+    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr", aggregator=None,
+                 dp=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator, dp)
         if svd not in ("qr", "dense"):
             raise ValueError(f"svd must be 'qr' (stacked factors) or 'dense' (reference), got {svd!r}")
         self.svd = svd

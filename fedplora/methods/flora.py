@@ -64,6 +64,8 @@ class FLoRA(FederatedMethod):
     """
 
     name = "flora"
+    dp_refusal = ("it stacks the clients' fresh adapters into a dense d_out x d_in sum per layer, so there are no "
+                  "shared pairs to sum and noise; use dp_mode local")
 
     # ------------------------------------------------------------ server side
     def init_state(self, model: nn.Module) -> State:

@@ -28,9 +28,17 @@ class HetLoRA(LeadingPairsMethod):
     name = "hetlora"
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, keep_untrained: bool = True,
-                 aggregator=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator)
+                 aggregator=None, dp=None) -> None:
+        super().__init__(plora, weighting, seed, aggregator, dp)
         self.keep_untrained = keep_untrained
+        if dp is not None and not keep_untrained:
+            raise ValueError("central DP with keep_untrained=False is not defined for hetlora: zeroing the pairs "
+                             "above the round's largest rank would reveal which clients were sampled")
+
+    def dp_pair_counts(self):
+        """Central DP: pair j is trained by the clients whose budget covers it (leading pairs); the norm weights
+        and the zero-padding are dropped (a DP sum is unweighted, and a padded zero is not a trained value)."""
+        return self.dp.pair_counts(self.rank, "leading")
 
     def norm_weights(self, updates: list[ClientUpdate], layer: str) -> list[float]:
         norms = [norm_of_sum([(1.0, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]) for u in updates]
