@@ -258,3 +258,26 @@ def test_label_flip_clients_train_on_flipped_labels_in_real_rounds(tiny_assets, 
     (rt,) = client_app._runtimes.values()
     assert rt.encoded[("label_flip", bad)]["label"] == [2 - y for y in rt.encoded[bad]["label"]]
     assert not any(("label_flip", c) in rt.encoded for c in range(4) if c != bad)
+
+
+@pytest.mark.parametrize("method", ["fedplora", "fedit", "hetlora"])
+@pytest.mark.parametrize("attack", ["scale", "sign_flip"])
+def test_attackers_pass_validation_and_robust_aggregation_contains_them_in_real_rounds(tiny_assets, in_process,
+                                                                                      method, attack):
+    """One of 6 clients attacks in every round (real ClientApp code, real validation): the plain mean follows
+    it far from the clean run, the coordinate-wise median stays near the clean median run."""
+
+    def distance(a, b):
+        return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+
+    base = dict(method=method, rounds=2, num_clients=6, clients_per_round=6, local_steps=2, ranks=[4],
+                rank_shares=[1.0])  # every client trains every pair: median has 6 values per coordinate
+    attack_settings = dict(byzantine_fraction=1 / 6, attack=attack, attack_strength=100.0 if attack == "scale" else 30.0)
+    clean_mean, _ = _rounds(_small_cfg(tiny_assets, **base), InProcessGrid(6))
+    clean_median, _ = _rounds(_small_cfg(tiny_assets, aggregator="median", **base), InProcessGrid(6))
+    attacked_mean, history = _rounds(_small_cfg(tiny_assets, **base, **attack_settings), InProcessGrid(6))
+    attacked_median, _ = _rounds(_small_cfg(tiny_assets, aggregator="median", **base, **attack_settings),
+                                 InProcessGrid(6))
+    assert all(len(h["clients"]) == 6 and not h["failures"] and len(h["attackers"]) == 1 for h in history)
+    drift_mean, drift_median = distance(attacked_mean, clean_mean), distance(attacked_median, clean_median)
+    assert drift_median < 0.2 * drift_mean, (drift_median, drift_mean)

@@ -156,9 +156,14 @@ def device_settings(cfg: RunConfig, context: Context, planned: bool = True) -> R
 class ClientRuntime:
     """The model and data partitions a client process keeps between messages."""
 
-    def __init__(self, cfg: RunConfig, cpus: float) -> None:
+    def __init__(self, cfg: RunConfig, cpus: float, plans_memory: bool = False) -> None:
+        """``plans_memory``: the device sizes its training by the planner (node config ``max-memory``), so it
+        trains under the allocator the planner's figures were measured with (``steady_allocator``). Only
+        then: that fixed mmap threshold maps and unmaps every large activation, which made a MiniLM step
+        1.6x slower (benchmarks/bench_round.py, docs/speed.md)."""
         torch.set_num_threads(max(1, int(cpus)))
-        steady_allocator()
+        if plans_memory:
+            steady_allocator()
         self.cfg = cfg
         self.task = make_task(cfg)
         train, _ = self.task.splits()
@@ -184,7 +189,8 @@ def runtime(cfg: RunConfig, context: Context) -> ClientRuntime:
     if key not in _runtimes:
         _runtimes.clear()  # one run at a time per process: free the previous model
         try:
-            _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)))
+            _runtimes[key] = ClientRuntime(cfg, float(context.node_config.get("cpus", cfg.client_cpus)),
+                                           plans_memory="max-memory" in context.node_config)
         except Exception as e:
             if not on_device(context):
                 raise
