@@ -351,7 +351,8 @@ class RunConfig:
                                 clip_multiplier=self.clip_multiplier, krum_f=self.krum_f, krum_m=self.krum_m)
             need(problem is None, f"byzantine_fraction: {self.byzantine_fraction:g} of {self.num_clients} clients "
                                   f"puts about {expected} Byzantine in a round of {self.clients_per_round}, and "
-                                  f"{problem}")
+                                  f"{problem}; lower --byzantine-fraction, raise --clients-per-round or choose "
+                                  "another --aggregator")
         self._dp_checks(need)
         need(self.quantization == "none" or self.fold == "branch",
              f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "

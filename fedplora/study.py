@@ -44,7 +44,10 @@ STUDY_SETS = ("seed", "out")  # set by the study for each cell, never by an entr
 # settings that may differ between a cell's saved config.toml and the study file: where the cell lies,
 # machine-resolved resources and patience; none of them changes a run's numbers
 MAY_DIFFER = ("out", "cache_dir", "client_gpus", "round_timeout", "connect_timeout")
-STEP_SECONDS = 0.19  # a MiniLM local step (batch 16, SST-2 sentences) on 2 CPU cores: the --dry-run estimate
+# the --dry-run estimate: a simulated round's wall time per local step, evaluation every 3rd round included, for
+# MiniLM at batch 16 on SST-2 sentences on 2 idle CPU cores (benchmarks/bench_round.py, docs/speed.md: 18.2 s for
+# 10 clients x 6 steps); longer inputs (MRPC pairs at 128 tokens) cost more
+STEP_SECONDS = 0.30
 START_SECONDS = 30  # a cell's Flower start-up (SuperLink, Ray, the model) on 2 busy CPU cores
 STATE_FILE = "study-state.json"
 
@@ -464,8 +467,8 @@ def dry_run(study: Study, log=print) -> None:
             f"{c.cfg.clients_per_round} clients x {c.cfg.local_steps} steps = {steps} local steps)")
     left = sum(cell_status(c) != "done" for c in study.cells)
     log(f"to run: {left} cells, {total_steps} local steps: about {fmt_duration(total_steps * STEP_SECONDS)} of "
-        f"training at {STEP_SECONDS} s a step (a MiniLM step at batch 16 on 2 CPU cores) plus about "
-        f"{fmt_duration(left * START_SECONDS)} of start-up ({START_SECONDS} s a cell); evaluation not counted")
+        f"training at {STEP_SECONDS} s a step (a simulated MiniLM step at batch 16 on 2 CPU cores, with evaluation "
+        f"every 3rd round) plus about {fmt_duration(left * START_SECONDS)} of start-up ({START_SECONDS} s a cell)")
 
 
 # ------------------------------------------------------------------ the report, from the cell folders alone

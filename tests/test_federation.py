@@ -80,7 +80,7 @@ def test_simulation_matches_the_method_core_and_is_deterministic(tiny_assets, tm
     # budgets respected, bytes counted from what was sent
     state, budgets = _replay_with_method_core(cfg)
     d_in = d_out = 32
-    n_layers = 6  # query, key, value in 2 layers
+    n_layers = 4  # query and value (the default targets) in 2 layers
     head_bytes = (3 * 32 + 3) * 4
     for h in first["history"][1:]:
         assert len(h["clients"]) == 3 and not h["failures"]
