@@ -111,8 +111,8 @@ def device_settings(cfg: RunConfig, context: Context, planned: bool = True) -> R
     CPU rather than on a CUDA device Ray did not give it. On a SuperNode, every ``DEVICE_LOCAL_SETTINGS`` entry
     is replaced by its node config value (``None`` where it declares none: the task's embedded default),
     whatever the server sent; ``device``, ``dtype``, ``quantization`` and ``gradient-checkpointing`` in its
-    node config override the run's (the adapters it uploads are float32 whatever its base is). A node config ``max-memory`` (e.g. ``max-memory=2GB``) hands
-    ``quantization``, ``gradient-checkpointing`` and a lower ``batch_size`` to the memory plan
+    node config override the run's (the adapters it uploads are float32 whatever its base is). A node
+    config ``max-memory`` (e.g. ``max-memory=2GB``) hands ``quantization``, ``gradient-checkpointing`` and a lower ``batch_size`` to the memory plan
     (``fedplora.planner.round_plan``, docs/memory.md) unless ``planned`` is False (the plan's own input).
     The device refuses (``ValueError``; Flower returns it to the server as the reply's error reason) a run
     whose task its node config ``tasks`` (e.g. ``tasks='sst2,tweets'``) does not list, or when its declared
