@@ -67,6 +67,8 @@ class FederatedMethod(ABC):
     ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
     # why central DP is not defined for the method (one line), or None (docs/robustness.md, "Differential privacy")
     dp_refusal: ClassVar[str | None] = None
+    # why secure aggregation is not defined for the method (one line), or None (docs/secure-aggregation.md)
+    secure_refusal: ClassVar[str | None] = None
 
     def __init__(self, plora: PLoRAConfig, weighting: str = "samples", seed: int = 0,
                  aggregator: Aggregator | str | None = None, dp: CentralDP | None = None) -> None:
@@ -146,6 +148,124 @@ class FederatedMethod(ABC):
             raise ValueError(f"{self.name} was built without central DP (the dp option)")
         trained = [self.trained_pairs(t, u) for t, u in zip(tasks, updates)]
         return dp_pair_aggregate(self.dp, state, updates, trained, self.dp_pair_counts(), generator)
+
+    # ------------------------------------------------------------ secure aggregation (docs/secure-aggregation.md)
+    # Under SecAgg+ the server learns only the element-wise sum of the clients' uploads, so every client sends the
+    # same fixed shape: all R pairs of every layer (its trained pairs' weighted deltas, zeros elsewhere), each pair's
+    # weight and trained-count indicator, and the heads. The sum gives, per pair, exactly the numerator and the
+    # denominator of the rank-wise mean that ``aggregate`` computes from the individual updates.
+    def secure_counts_everyone(self) -> bool:
+        """True when every client counts for every pair (a client that did not train j adds a zero delta)."""
+        return False
+
+    def secure_layout(self, state: State) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of the fixed-shape upload, sorted: the same on the server (global ``state``) and on every
+        client (its task's arrays: fewer pairs, the same layer sizes). Per layer: A (R, d_in) and B (d_out, R)
+        deltas, ``.w`` the per-pair weight and ``.count`` the per-pair indicator (R,); every head, and
+        ``heads.w`` / ``heads.count`` (1,) when there are heads."""
+        layout: dict[str, tuple[int, ...]] = {}
+        for layer in layer_names(state):
+            A, B = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
+            layout[layer + A_SUFFIX] = (self.rank, int(A.shape[1]))
+            layout[layer + B_SUFFIX] = (int(B.shape[0]), self.rank)
+            layout[layer + WEIGHT_SUFFIX] = (self.rank,)
+            layout[layer + COUNT_SUFFIX] = (self.rank,)
+        heads = head_keys(state)
+        for key in heads:
+            layout[key] = tuple(int(n) for n in state[key].shape)
+        if heads:
+            layout[HEADS_WEIGHT], layout[HEADS_COUNT] = (1,), (1,)
+        return dict(sorted(layout.items()))
+
+    def secure_weight(self, update: ClientUpdate, weight_scale: float) -> float:
+        """The client's aggregation weight in (0, 1]: its sample count over the round's largest declared count, or 1."""
+        if self.weighting != "samples":
+            return 1.0
+        if not (math.isfinite(weight_scale) and weight_scale >= 1):
+            raise ValueError(f"secure weight scale must be a sample count >= 1, got {weight_scale!r}")
+        return min(1.0, float(update.num_samples) / float(weight_scale))
+
+    def secure_encode(self, task: ClientTask, update: ClientUpdate, weight_scale: float,
+                      clip: float | None = None) -> State:
+        """Client side, after training: the fixed-shape upload (float64, ``secure_layout(task.arrays)``).
+
+        Pair j of a layer holds w * (trained value - global value) where the client trained j, zeros elsewhere;
+        its ``.w`` entry w and its ``.count`` entry 1 (``secure_counts_everyone``: w and 0 on the pairs it did not
+        train). ``clip`` (central DP under secure aggregation): the whole delta clipped to that L2 norm here, on
+        the client, and no weights (a DP sum is unweighted)."""
+        trained = self.trained_pairs(task, update)
+        out = {k: torch.zeros(shape, dtype=torch.float64) for k, shape in self.secure_layout(task.arrays).items()}
+        delta: State = {}
+        for layer, idx in trained.items():
+            a, b, i = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(idx, dtype=torch.long)
+            delta[a] = update.arrays[a].double() - task.arrays[a].double()[i]
+            delta[b] = update.arrays[b].double() - task.arrays[b].double()[:, i]
+        heads = head_keys(task.arrays)
+        for key in heads:
+            delta[key] = update.arrays[key].double() - task.arrays[key].double()
+        if clip is not None:
+            delta, _, _ = clip_delta(delta, clip)
+        w = 1.0 if clip is not None else self.secure_weight(update, weight_scale)
+        everyone = clip is None and self.secure_counts_everyone()
+        for layer, idx in trained.items():
+            a, b, i = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(idx, dtype=torch.long)
+            out[a][i] = w * delta[a]
+            out[b][:, i] = w * delta[b]
+            out[layer + COUNT_SUFFIX][i] = 1.0
+            if everyone:
+                out[layer + WEIGHT_SUFFIX][:] = w
+            else:
+                out[layer + WEIGHT_SUFFIX][i] = w
+        for key in heads:
+            out[key] = w * delta[key]
+        if heads:
+            out[HEADS_WEIGHT][0], out[HEADS_COUNT][0] = w, 1.0
+        return out
+
+    def secure_aggregate(self, state: State, tasks: list[ClientTask], sums: State, clients: int,
+                         generator: torch.Generator | None = None) -> State:
+        """Server side: the new global state from the element-wise sum over the round's ``clients`` surviving clients
+        of their ``secure_encode`` uploads (it never sees one of them). Pair j moves by sum_j / weight_j, the
+        weighted mean of the deltas over the clients it averages over (``aggregate``'s rule); a pair nobody trained
+        keeps its value. With central DP (``self.dp``), the sums of clipped deltas are released as in
+        ``private_aggregate``: noise per coordinate, fixed divisors. Float64, cast back to the state's dtype."""
+        self.check_secure_sums(state, sums)
+        if self.dp is not None:
+            return self.secure_dp_release(state, sums, generator)
+        new: State = {}
+        for layer in layer_names(state):
+            a, b = layer + A_SUFFIX, layer + B_SUFFIX
+            weight, trained = sums[layer + WEIGHT_SUFFIX], sums[layer + COUNT_SUFFIX].round() > 0
+            step = torch.where(trained, weight, torch.ones_like(weight))
+            A, B = state[a].double().clone(), state[b].double().clone()
+            A[trained] += sums[a][trained] / step[trained, None]
+            B[:, trained] += sums[b][:, trained] / step[None, trained]
+            new[a], new[b] = A.to(state[a].dtype), B.to(state[b].dtype)
+        new.update(secure_heads(state, sums))
+        return new
+
+    def secure_dp_release(self, state: State, sums: State, generator: torch.Generator | None) -> State:
+        """Central DP's release from the sums of the clients' clipped deltas (``dp_release``). A coordinate no
+        client can train (expected count 0) is zero in every upload: its quantization residue is dropped."""
+        counts = self.dp_pair_counts()
+        deltas = {k: sums[k].clone() for k in state}
+        for layer in layer_names(state):
+            none = torch.as_tensor(counts, dtype=torch.float64) == 0
+            deltas[layer + A_SUFFIX][none] = 0
+            deltas[layer + B_SUFFIX][:, none] = 0
+        return dp_release(self.dp, state, deltas, counts, generator)
+
+    def check_secure_sums(self, state: State, sums: State) -> None:
+        """The unmasked sums have the layout's keys and shapes and finite values; raise ValueError naming the key."""
+        layout = self.secure_layout(state)
+        if set(sums) != set(layout):
+            raise ValueError(f"secure sums: keys differ from the layout (missing {sorted(set(layout) - set(sums))[:3]}, "
+                             f"unexpected {sorted(set(sums) - set(layout))[:3]})")
+        for key, shape in layout.items():
+            if tuple(sums[key].shape) != shape:
+                raise ValueError(f"secure sums: {key} has shape {tuple(sums[key].shape)}, expected {shape}")
+            if not bool(torch.isfinite(sums[key]).all()):
+                raise ValueError(f"secure sums: {key} contains NaN or Inf")
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
         """Normalised aggregation weights (sample count by default, uniform as an option)."""
@@ -451,9 +571,34 @@ def dp_pair_aggregate(dp: CentralDP, state: State, updates: list[ClientUpdate], 
             sums[b][:, idx] += clipped[b]
         for key in heads:
             sums[key] += clipped[key]
+    return dp_release(dp, state, sums, pair_counts, generator)
+
+
+def dp_release(dp: CentralDP, state: State, sums: State, pair_counts: torch.Tensor,
+               generator: torch.Generator | None) -> State:
+    """global + (sums of clipped deltas + N(0, (sigma C)^2) per coordinate) / fixed counts: pair j divided by
+    ``pair_counts[j]``, the heads by ``dp.clients_per_round`` (``privacy.noisy_pair_mean``); float64, cast back.
+    The sums come from the server (``dp_pair_aggregate``) or from SecAgg+ (``secure_aggregate``)."""
     divisors = pair_divisors(list(sums), pair_counts, dp.clients_per_round)
     mean = noisy_pair_mean(sums, divisors, dp.noise_std, generator)
     return {k: (v.double() + mean[k]).to(v.dtype) for k, v in state.items()}
+
+
+# the fixed-shape secure upload's extra keys (secure_layout)
+WEIGHT_SUFFIX = ".w"
+COUNT_SUFFIX = ".count"
+HEADS_WEIGHT = "heads.w"
+HEADS_COUNT = "heads.count"
+
+
+def secure_heads(state: State, sums: State) -> State:
+    """The heads from the secure sums: global + sum of weighted deltas / total weight (FedAvg with ``weighting``);
+    unchanged when no client's upload arrived with them."""
+    heads = head_keys(state)
+    if not heads or round(float(sums[HEADS_COUNT][0])) <= 0:
+        return {k: state[k].clone() for k in heads}
+    total = float(sums[HEADS_WEIGHT][0])
+    return {k: (state[k].double() + sums[k] / total).to(state[k].dtype) for k in heads}
 
 
 class LeadingPairsMethod(FederatedMethod):

@@ -118,6 +118,9 @@ class FedPLoRA(FederatedMethod):
     def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
         return task.config["indices"]
 
+    def secure_counts_everyone(self) -> bool:
+        return self.aggregate_over == "all"
+
     def dp_pair_counts(self) -> torch.Tensor:
         selection = ("everyone" if self.aggregate_over == "all" else
                      "leading" if self.selection == "fixed" else "random")

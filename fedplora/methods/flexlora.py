@@ -73,6 +73,8 @@ class FlexLoRA(LeadingPairsMethod):
     name = "flexlora"
     dp_refusal = ("it aggregates the clients' products B_i A_i, so the Gaussian noise would go on a dense "
                   "d_out x d_in sum per layer, not on pairs; use dp_mode local")
+    secure_refusal = ("its server takes the SVD of the sum of the clients' products B_i A_i, which a sum of their "
+                      "factors does not give")
 
     def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr", aggregator=None,
                  dp=None) -> None:

@@ -66,6 +66,8 @@ class FLoRA(FederatedMethod):
     name = "flora"
     dp_refusal = ("it stacks the clients' fresh adapters into a dense d_out x d_in sum per layer, so there are no "
                   "shared pairs to sum and noise; use dp_mode local")
+    secure_refusal = ("its server stacks every client's own fresh adapter, so it needs each client's pairs, "
+                      "not their sum")
 
     # ------------------------------------------------------------ server side
     def init_state(self, model: nn.Module) -> State:

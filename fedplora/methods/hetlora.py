@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import norm_of_sum
-from .base import ClientTask, ClientUpdate, LeadingPairsMethod, State, average_heads, layer_names, padded_average
+from .base import (
+    COUNT_SUFFIX,
+    WEIGHT_SUFFIX,
+    ClientTask,
+    ClientUpdate,
+    LeadingPairsMethod,
+    State,
+    average_heads,
+    layer_names,
+    padded_average,
+    secure_heads,
+)
 
 
 class HetLoRA(LeadingPairsMethod):
@@ -39,6 +50,47 @@ class HetLoRA(LeadingPairsMethod):
         """Central DP: pair j is trained by the clients whose budget covers it (leading pairs); the norm weights
         and the zero-padding are dropped (a DP sum is unweighted, and a padded zero is not a trained value)."""
         return self.dp.pair_counts(self.rank, "leading")
+
+    def secure_encode(self, task: ClientTask, update: ClientUpdate, weight_scale: float,
+                      clip: float | None = None) -> State:
+        """HetLoRA's zero-padded mean from sums: per layer the client sends n * pad(A_i), n * pad(B_i) (values, not
+        deltas: a padded zero counts) with its own norm weight n = ||B_i A_i||_F on all R pairs, and ``.count`` 1 on
+        the pairs it trained. Sum over clients / sum of n is the norm-weighted padded average. Central DP
+        (``clip``) uses the base rule: clipped deltas on the trained pairs, as ``private_aggregate`` does."""
+        if clip is not None:
+            return super().secure_encode(task, update, weight_scale, clip)
+        out = super().secure_encode(task, update, weight_scale)  # heads (weighted deltas) and the trained counts
+        for layer in layer_names(task.arrays):
+            a, b = layer + A_SUFFIX, layer + B_SUFFIX
+            A, B = update.arrays[a].double(), update.arrays[b].double()
+            n, r = norm_of_sum([(1.0, B, A)]), A.shape[0]
+            out[a].zero_()
+            out[b].zero_()
+            out[a][:r], out[b][:, :r] = n * A, n * B
+            out[layer + WEIGHT_SUFFIX][:] = n
+        return out
+
+    def secure_aggregate(self, state: State, tasks: list[ClientTask], sums: State, clients: int,
+                         generator=None) -> State:
+        """The norm-weighted zero-padded average over the pairs some client trained (``.count`` > 0: the leading
+        pairs up to the round's largest rank); the rest keep their value (``keep_untrained``) or become zero.
+        Deviation from ``aggregate``: a layer in which every client's product is zero (no norm to weight by)
+        keeps its value; the plain path averages it with the sample weights, which the sums do not hold."""
+        self.check_secure_sums(state, sums)
+        if self.dp is not None:
+            return self.secure_dp_release(state, sums, generator)
+        new: State = {}
+        for layer in layer_names(state):
+            a, b = layer + A_SUFFIX, layer + B_SUFFIX
+            A, B = state[a].double().clone(), state[b].double().clone()
+            trained, total = sums[layer + COUNT_SUFFIX].round() > 0, float(sums[layer + WEIGHT_SUFFIX].max())
+            if total > 0:
+                A[trained], B[:, trained] = sums[a][trained] / total, sums[b][:, trained] / total
+            if not self.keep_untrained:
+                A[~trained], B[:, ~trained] = 0, 0
+            new[a], new[b] = A.to(state[a].dtype), B.to(state[b].dtype)
+        new.update(secure_heads(state, sums))
+        return new
 
     def norm_weights(self, updates: list[ClientUpdate], layer: str) -> list[float]:
         norms = [norm_of_sum([(1.0, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]) for u in updates]
