@@ -228,7 +228,7 @@ def _uploads(cfg):
 
 def test_byzantine_clients_attack_in_real_rounds_and_the_history_names_them(tiny_assets, in_process):
     base = dict(method="fedit", rounds=1, num_clients=4, clients_per_round=4, local_steps=1)
-    _, honest = _uploads(_small_cfg(tiny_assets, **base))
+    honest_entry, honest = _uploads(_small_cfg(tiny_assets, **base))
     cfg = _small_cfg(tiny_assets, byzantine_fraction=0.5, attack="scale", attack_strength=10.0, **base)
     entry, attacked = _uploads(cfg)
     bad = attackers(cfg)
@@ -239,6 +239,11 @@ def test_byzantine_clients_attack_in_real_rounds_and_the_history_names_them(tiny
         for key, t in update.arrays.items():  # FedIT ideal uploads what it received, trained
             want = task.arrays[key] + 10 * (h[key] - task.arrays[key]) if cid in bad else h[key]
             assert torch.allclose(t, want, atol=1e-5, rtol=1e-5), (cid, key)
+    # the history's delta_norm (what training changed, for choosing dp_clip) shows the scaled deltas
+    norm = {c["cid"]: c["delta_norm"] for c in honest_entry["clients"]}
+    assert all(n > 0 for n in norm.values())
+    for c in entry["clients"]:
+        assert c["delta_norm"] == pytest.approx(norm[c["cid"]] * (10 if c["cid"] in bad else 1), rel=1e-4)
     # inflate: the server catches the claim, the honest clients are aggregated
     cfg = _small_cfg(tiny_assets, byzantine_fraction=0.5, attack="inflate", **base)
     entry, _ = _uploads(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -416,6 +417,7 @@ class HeteroLoRAStrategy(Strategy):
                 self.check_claim(cid, update)
                 reply_ok = Accepted(cid, task, update, metrics)
                 reply_ok.client = reply_ok.describe(self.method.rank)  # a metric that can't be read rejects it here
+                reply_ok.client["delta_norm"] = self.delta_norm(task, update)
             except UpdateRejected as e:
                 rec.fail(cid, "validate", str(e))
                 continue
@@ -449,6 +451,15 @@ class HeteroLoRAStrategy(Strategy):
         rec.paper_agg_noise = paper_aggregation_noise(self.method.paper_ideal_factors(old, tasks, updates), g_new)
         losses = [a.loss for a in accepted]
         self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
+
+    def delta_norm(self, task: ClientTask, update: ClientUpdate) -> float | None:
+        """The L2 norm of what the client's training changed (``method.update_delta``), for the history: the scale
+        to choose ``dp_clip`` from. None for a method whose upload is not a change of global values (FLoRA)."""
+        try:
+            delta = self.method.update_delta(task, update)
+        except NotImplementedError:
+            return None
+        return math.sqrt(sum(float(t.pow(2).sum()) for t in delta.values()))
 
     def check_claim(self, cid: int, update: ClientUpdate) -> None:
         """A reply may not claim more samples than its client declared in this round's query.

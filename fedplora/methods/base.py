@@ -195,14 +195,7 @@ class FederatedMethod(ABC):
         the client, and no weights (a DP sum is unweighted)."""
         trained = self.trained_pairs(task, update)
         out = {k: torch.zeros(shape, dtype=torch.float64) for k, shape in self.secure_layout(task.arrays).items()}
-        delta: State = {}
-        for layer, idx in trained.items():
-            a, b, i = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(idx, dtype=torch.long)
-            delta[a] = update.arrays[a].double() - task.arrays[a].double()[i]
-            delta[b] = update.arrays[b].double() - task.arrays[b].double()[:, i]
-        heads = head_keys(task.arrays)
-        for key in heads:
-            delta[key] = update.arrays[key].double() - task.arrays[key].double()
+        delta, heads = self.update_delta(task, update), head_keys(task.arrays)
         if clip is not None:
             delta, _, _ = clip_delta(delta, clip)
         w = 1.0 if clip is not None else self.secure_weight(update, weight_scale)
@@ -266,6 +259,19 @@ class FederatedMethod(ABC):
                 raise ValueError(f"secure sums: {key} has shape {tuple(sums[key].shape)}, expected {shape}")
             if not bool(torch.isfinite(sums[key]).all()):
                 raise ValueError(f"secure sums: {key} contains NaN or Inf")
+
+    def update_delta(self, task: ClientTask, update: ClientUpdate) -> State:
+        """What training changed, float64, per uploaded key: each trained pair's rows (A) and columns (B) minus the
+        global values they started from (``trained_pairs``), and each head minus its global value. Its norm is the
+        client's ``delta_norm`` in the history (a guide for ``dp_clip`` and ``clip_multiplier``)."""
+        delta: State = {}
+        for layer, idx in self.trained_pairs(task, update).items():
+            a, b, i = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(idx, dtype=torch.long)
+            delta[a] = update.arrays[a].double() - task.arrays[a].double()[i]
+            delta[b] = update.arrays[b].double() - task.arrays[b].double()[:, i]
+        for key in head_keys(task.arrays):
+            delta[key] = update.arrays[key].double() - task.arrays[key].double()
+        return delta
 
     def client_weights(self, updates: list[ClientUpdate]) -> list[float]:
         """Normalised aggregation weights (sample count by default, uniform as an option)."""
