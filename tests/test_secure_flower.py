@@ -5,12 +5,11 @@ be on the wire) and, marked slow, in the Simulation Engine.
 """
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedplora.config import ConfigError, RunConfig, secure_quantization_range
@@ -232,9 +231,6 @@ def test_too_many_dropouts_skip_or_retry_the_round_and_never_touch_the_state(tin
     assert all(torch.equal(state[k], before[k]) for k in before)
 
     # a malformed masked vector makes Flower raise: recorded, the round skipped, the server goes on
-    def corrupt(cid, msg, reply):
-        return [reply]
-
     cfg = _secure(_small_cfg(tiny_assets, rounds=1, local_steps=1))
     grid = SecureGrid(4)
     real = grid.send_and_receive

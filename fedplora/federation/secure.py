@@ -180,7 +180,7 @@ def secure_round(owner, grid, server_round: int, arrays: ArrayRecord, attempt: i
     rec.bytes_down += sum(counting.down.values())
     rec.bytes_up += sum(counting.up.values())
     rec.secure = True
-    _record_dropouts(owner, counting, adapter.called)
+    _record_dropouts(owner, counting)
     if not adapter.called or adapter.outcome is None:
         if not adapter.called:
             rec.fail(None, "round", (error or _halt_reason(cfg, counting, owner)) +
@@ -205,7 +205,7 @@ def _halt_reason(cfg, counting: CountingGrid, owner) -> str:
             f"clients left, SecAgg+ needs {t} to rebuild the masks")
 
 
-def _record_dropouts(owner, counting: CountingGrid, aggregated: bool) -> None:
+def _record_dropouts(owner, counting: CountingGrid) -> None:
     """Each client that left the protocol, once, at the first stage it failed or did not answer in."""
     by_node = {node: cid for node, (cid, _) in owner.secure_pending.items()}
     gone: set[int] = set()
