@@ -78,7 +78,6 @@ def _aggregators() -> tuple[str, ...]:
 
 def secure_refusal(method: str) -> str | None:
     """Why secure aggregation is not defined for ``method`` (the method's ``secure_refusal``), or None."""
-    from . import secure_standin  # noqa: F401  TEMPORARY until the core's secure_* lands (see that module)
     from .methods import METHODS
 
     return getattr(METHODS[method], "secure_refusal", None) if method in METHODS else None

@@ -26,7 +26,6 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import rng
-from .. import secure_standin  # noqa: F401  TEMPORARY until the core's secure_* lands
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
 from ..hardware import enable_gradient_checkpointing, resolve_device, steady_allocator

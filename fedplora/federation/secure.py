@@ -40,7 +40,6 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from .. import secure_standin  # noqa: F401  TEMPORARY until the core's secure_* lands
 from ..config import secure_quantization_range
 from ..measure import init_noise, paper_init_noise
 from .messages import secure_fitins

@@ -445,7 +445,8 @@ class HeteroLoRAStrategy(Strategy):
                 "trained_pairs": number("trained-pairs", int), "num_samples": self._declared.get(cid),
                 "bytes_down": self.counting.down.get(node, 0), "bytes_up": self.counting.up.get(node, 0),
                 "train_loss": number("train_loss"), "train_s": number("train_s") or 0.0,
-                "client_s": number("client-s") or 0.0, "secure_clipped": number("secure-clipped", int)}
+                "client_s": number("client-s") or 0.0, "secure_clipped": number("secure-clipped", int),
+                "delta_norm": None}  # the server never holds the update it would measure
         if self.cfg.dp_mode == "local":
             line["dp_epsilon"] = self.client_epsilon(cid)
         return line
