@@ -76,6 +76,21 @@ def _aggregators() -> tuple[str, ...]:
     return AGGREGATORS
 
 
+def secure_refusal(method: str) -> str | None:
+    """Why secure aggregation is not defined for ``method`` (the method's ``secure_refusal``), or None."""
+    from .methods import METHODS
+
+    return getattr(METHODS[method], "secure_refusal", None) if method in METHODS else None
+
+
+def secure_quantization_range(cfg: "RunConfig") -> int:
+    """SecAgg+'s quantization levels: ``secure_quantization``, else the largest power of two q with
+    (clients_per_round + 1) * q <= 2**32, so a sum of clients_per_round values in [0, q] never wraps."""
+    if cfg.secure_quantization is not None:
+        return cfg.secure_quantization
+    return 1 << ((2**32 // (cfg.clients_per_round + 1)).bit_length() - 1)
+
+
 def _tasks() -> list[str]:
     from .tasks import TASKS
 
@@ -193,6 +208,22 @@ class RunConfig:
     target_epsilon: float | None = setting(None, "DP: CHOOSES dp_noise_multiplier, once before the run, as the "
                                                  "smallest sigma that spends at most this epsilon over the planned "
                                                  "rounds (the run is never stopped early)", gt=0, check=_finite)
+    # secure aggregation (docs/secure-aggregation.md; fedplora/federation/secure.py): Flower's SecAgg+
+    secure_aggregation: bool = setting(False, "sum the clients' uploads with Flower's SecAgg+: the server learns "
+                                              "only the per-pair sums of a round's surviving clients, never one "
+                                              "client's pairs (fedplora, fedit, hetlora; aggregator mean)")
+    secure_shares: float = setting(1.0, "SecAgg+: share of a round's clients each client's secrets are split "
+                                        "among, its neighbours (1 = all: SecAgg)", gt=0, le=1)
+    secure_threshold: float = setting(0.7, "SecAgg+: share of those shares needed to rebuild a dropped client's "
+                                           "mask; a round survives dropouts down to this share of its clients",
+                                      gt=0.5, le=1)
+    secure_clip: float = setting(16.0, "SecAgg+: every uploaded coordinate is clipped to [-c, c] before "
+                                       "quantization (LoRA pairs and heads stay far inside; the history counts "
+                                       "clipped coordinates)", gt=0, check=_finite)
+    secure_quantization: int | None = setting(None, "SecAgg+: quantization levels per coordinate (default: the "
+                                                    "largest power of two q with (clients_per_round+1)*q <= 2**32, "
+                                                    "so the masked sum cannot wrap around the 2**32 modulus)",
+                                              ge=2)
     # data
     partitioner: str = setting("iid", "how the training data is split over clients (docs/tasks.md)",
                                choices=PARTITIONERS)
@@ -354,9 +385,33 @@ class RunConfig:
                                   f"{problem}; lower --byzantine-fraction, raise --clients-per-round or choose "
                                   "another --aggregator")
         self._dp_checks(need)
+        self._secure_checks(need)
         need(self.quantization == "none" or self.fold == "branch",
              f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "
              "use --fold branch with --quantization")
+
+    def _secure_checks(self, need: Callable[[bool, str], None]) -> None:
+        """Secure aggregation (SecAgg+) with the rest: what it cannot compute is refused here, before any round."""
+        if not self.secure_aggregation:
+            need(self.secure_quantization is None, "secure_quantization: is set but secure_aggregation is off; "
+                                                   "add --secure-aggregation, or unset it")
+            return
+        refusal = secure_refusal(self.method)
+        need(refusal is None, f"secure_aggregation: not defined for {self.method}: {refusal}; use fedplora, fedit "
+                              "or hetlora, or --no-secure-aggregation")
+        need(self.aggregator == "mean",
+             f"aggregator: {self.aggregator} needs every client's own update, which secure aggregation hides from "
+             "the server (it sees only the sum); use --aggregator mean or --no-secure-aggregation")
+        need(self.clients_per_round >= 3,
+             f"clients_per_round: secure aggregation needs at least 3 clients a round (with 2, each learns the "
+             f"other's update from the sum), got {self.clients_per_round}; raise --clients-per-round")
+        need(self.max_update_norm is None,
+             "max_update_norm: the server cannot measure one client's update under secure aggregation; unset "
+             "--max-update-norm (secure_clip bounds every coordinate)")
+        most = 2**32 // (self.clients_per_round + 1)
+        need(self.secure_quantization is None or self.secure_quantization <= most,
+             f"secure_quantization: {self.secure_quantization} levels for {self.clients_per_round} clients can "
+             f"overflow the 2**32 modulus of the masked sum; use at most {most} (or leave it unset)")
 
     def _dp_checks(self, need: Callable[[bool, str], None]) -> None:
         """The DP settings together (ranges of each alone: their declarations; accounting: at the run's start)."""

@@ -77,8 +77,8 @@ def noise_of(entry: Mapping, key: str) -> float:
     """A round's noise figure by its current name (``NOISE_KEYS``), also from histories written before the
     names split: their ``init_noise``/``agg_noise`` are the function-level figures; the paper's figures were
     not measured then (NaN)."""
-    if key in entry:
-        return float(entry[key])
+    if key in entry:  # None: not measurable in that round (secure aggregation: ``noise_unavailable`` says why)
+        return float("nan") if entry[key] is None else float(entry[key])
     if key in LEGACY_NOISE_KEYS and LEGACY_NOISE_KEYS[key] in entry:
         return float(entry[LEGACY_NOISE_KEYS[key]])
     return float("nan")

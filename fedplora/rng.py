@@ -38,6 +38,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
     "flora_init": ("round", "cid", "layer"),       # FLoRA's fresh A of a client's layer each round
     "dp_noise": ("round",),                        # central DP: the server's noise on a round's sums
     "dp_local_noise": ("round", "cid"),            # local DP: a client's noise on its upload
+    "secure_quantization": ("round", "attempt", "cid"),  # SecAgg+: a client's stochastic rounding
 }
 _IDS = {name: zlib.crc32(name.encode()) for name in STREAMS}
 assert len(set(_IDS.values())) == len(_IDS), "two stream names hash alike: rename one"

@@ -511,9 +511,13 @@ def _row(method: Entry, metric: str, summaries: list[dict[str, Any]], scale: flo
                           for m in others if all(m in s["final"] for s in summaries)},
         "up_mb": statistics.fmean(s["bytes_up_total"] for s in summaries) / 1e6,
         "down_mb": statistics.fmean(s["bytes_down_total"] for s in summaries) / 1e6,
-        "noise": {k: statistics.fmean(statistics.fmean(h[k] for h in s["history"] if h["round"] > 0 and k in h)
-                                      for s in summaries if any(h["round"] > 0 and k in h for h in s["history"]))
-                  for k in noise},
+        # a figure is None where it could not be measured (secure aggregation: the history's noise_unavailable)
+        "noise": {k: statistics.fmean(statistics.fmean(h[k] for h in s["history"] if h["round"] > 0 and
+                                                       h.get(k) is not None)
+                                      for s in summaries if any(h["round"] > 0 and h.get(k) is not None
+                                                                for h in s["history"]))
+                  for k in noise if any(h["round"] > 0 and h.get(k) is not None
+                                        for s in summaries for h in s["history"])},
         "per_round": {"round": rounds,
                       metric: curve(lambda h: h.get("metrics", {}).get(metric) * scale
                                     if isinstance(h.get("metrics", {}).get(metric), (int, float)) else None),

@@ -139,8 +139,10 @@ def _non_default(s):
 
 def test_every_flag_sets_its_setting(tmp_path):
     argv, expected = ["run"], {}
-    # a quantized base refuses fold=merge, target_epsilon chooses dp_noise_multiplier: checked on their own below
-    apart = {"quantization", "target_epsilon"}
+    # a quantized base refuses fold=merge, target_epsilon chooses dp_noise_multiplier, secure aggregation refuses
+    # flora and max_update_norm: checked on their own below
+    apart = {"quantization", "target_epsilon", "secure_aggregation", "secure_shares", "secure_threshold",
+             "secure_clip", "secure_quantization"}
     for s in SETTINGS:
         if s.name in apart:
             continue
@@ -161,6 +163,12 @@ def test_every_flag_sets_its_setting(tmp_path):
     assert config_from_args(build_parser().parse_args(dp + ["--target-epsilon", "2.5"])).target_epsilon == 2.5
     with pytest.raises(ConfigError, match="not both"):
         config_from_args(build_parser().parse_args(dp + ["--target-epsilon", "2.5", "--dp-noise-multiplier", "1"]))
+    secure = config_from_args(build_parser().parse_args(
+        ["run", "--secure-aggregation", "--clients-per-round", "3", "--secure-shares", "0.5", "--secure-threshold",
+         "0.9", "--secure-clip", "4", "--secure-quantization", "4096"]))
+    assert (secure.secure_aggregation, secure.secure_shares, secure.secure_threshold, secure.secure_clip,
+            secure.secure_quantization) == (True, 0.5, 0.9, 4.0, 4096)
+    assert RunConfig.from_toml(_write(tmp_path / "secure.toml", secure.to_toml())) == secure
 
 
 def test_toml_round_trip_with_awkward_strings(tmp_path):

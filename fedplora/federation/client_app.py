@@ -36,7 +36,7 @@ from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
 from . import attacks
 from .heterogeneity import assign_budgets, group_sizes, round_budget
-from .messages import read_task, update_content
+from .messages import is_secure_task, read_secure_task, read_task, secure_reply_content, update_content
 
 app = ClientApp()
 
@@ -266,13 +266,50 @@ def local_private_update(cfg: RunConfig, server_round: int, cid: int, update, st
     return dataclasses.replace(update, arrays=arrays)
 
 
-@app.train()
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Secure aggregation's client side: a train message that carries SecAgg+'s config record goes through
+    Flower's own ``secaggplus_mod`` (which runs the protocol's stages and masks the reply's parameters); every
+    other message (query, plain train) passes as before.
+
+    Flower quantizes with numpy's global RNG (stochastic rounding); it is seeded here from (run seed, round,
+    attempt, client), right after training and before ``secaggplus_mod`` quantizes, so a secure run is
+    reproducible. The global RNG's state is restored afterwards.
+    """
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+
+    def train_then_seed(message: Message, ctx: Context) -> Message:
+        reply = call_next(message, ctx)
+        config = message.content.config_records["fitins.config"]
+        seed = int(json.loads(str(config["setup"]))["seed"])
+        cid = int(ctx.node_config.get("partition-id", 0))
+        np.random.seed(rng.small_seed("secure_quantization", seed, int(config["round"]), int(config["attempt"]), cid))
+        return reply
+
+    saved = np.random.get_state()
+    try:
+        return secaggplus_mod(msg, context, train_then_seed)
+    finally:
+        np.random.set_state(saved)
+
+
+@app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
+    """A round's training. Under secure aggregation (a SecAgg+ fit message) the reply is the method's fixed-shape
+    ``secure_encode`` of the same update, as legacy FitRes parameters that ``secure_mod`` masks."""
     t0 = time.perf_counter()
-    task, setup, server_round = read_task(msg.content)
+    secure = is_secure_task(msg.content)
+    if secure:
+        task, setup, server_round, attempt, layout, weight_scale = read_secure_task(msg.content)
+    else:
+        task, setup, server_round = read_task(msg.content)
+        attempt = int(msg.content["config"].get("attempt", 0))
     cfg = RunConfig.from_dict(setup)
     cid = client_id(context, cfg)
-    if injected_failure(cfg, server_round, int(msg.content["config"].get("attempt", 0)), cid):
+    if injected_failure(cfg, server_round, attempt, cid):
         if cfg.fail_mode == "error":
             raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, round {server_round}")
         time.sleep(cfg.round_timeout)  # "straggle": the reply comes after the server stopped waiting
@@ -298,4 +335,16 @@ def train(msg: Message, context: Context) -> Message:
         update = attacks.attack_update(cfg, server_round, cid, update, start)
     metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,
                     "client-s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
+    if secure:
+        return Message(secure_reply(cfg, method, task, update, metrics, layout, weight_scale), reply_to=msg)
     return Message(update_content(update, metrics), reply_to=msg)
+
+
+def secure_reply(cfg: RunConfig, method, task, update, metrics: dict[str, Any], layout, weight_scale: float):
+    """The fixed-shape upload (``method.secure_encode``; central DP clips the delta here, on the client) and the
+    metrics, which report how many coordinates fall outside SecAgg+'s clipping range [-secure_clip, secure_clip]
+    (Flower clips them silently; the server's history shows the count)."""
+    clip = cfg.dp_clip if cfg.dp_mode == "central" else None
+    encoded = method.secure_encode(task, update, weight_scale, clip)
+    clipped = sum(int((t.detach().double().abs() > cfg.secure_clip).sum()) for t in encoded.values())
+    return secure_reply_content(encoded, layout, {**metrics, "secure-clipped": clipped})

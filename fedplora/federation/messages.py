@@ -2,6 +2,11 @@
 
 Arrays travel in an ``ArrayRecord``; the (nested) task config as one JSON string
 in a ``ConfigRecord``, so methods may put per-layer index lists in it.
+
+Under secure aggregation (``secure_*`` below) a round is Flower's SecAgg+ workflow, which speaks the legacy
+``FitIns``/``FitRes`` (``flwr.compat``): the task's arrays go as legacy ``Parameters`` in a fixed key order,
+the keys, the upload's layout and the weight scale in the fit config; the reply's parameters are the
+method's ``secure_encode`` output in layout order, which Flower's ``secaggplus_mod`` masks before it leaves.
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from ..methods import ClientTask, ClientUpdate, UpdateRejected
 
@@ -68,3 +76,53 @@ def _finite_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return isinstance(value, int) or math.isfinite(value)  # a huge int has no float, and needs none
+
+
+# ------------------------------------------------------------------ secure aggregation (SecAgg+, legacy FitIns/FitRes)
+SECURE_FIT_CONFIG = "fitins.config"  # where compat puts a FitIns' config: its presence marks a secure task
+
+
+def secure_fitins(task: ClientTask, setup: str, server_round: int, attempt: int,
+                  layout: dict[str, tuple[int, ...]], weight_scale: float) -> FitIns:
+    """A task as legacy FitIns: arrays in the order of ``keys`` (listed in the config), the upload's
+    ``layout`` (keys and shapes of ``secure_encode``'s output, in order) and the weight scale."""
+    keys = list(task.arrays)
+    parameters = ndarrays_to_parameters([task.arrays[k].detach().cpu().contiguous().numpy() for k in keys])
+    config = {"task": json.dumps(task.config), "setup": setup, "round": server_round, "attempt": attempt,
+              "keys": json.dumps(keys), "layout": json.dumps([[k, list(s)] for k, s in layout.items()]),
+              "weight-scale": float(weight_scale)}
+    return FitIns(parameters=parameters, config=config)
+
+
+def is_secure_task(content: RecordDict) -> bool:
+    return SECURE_FIT_CONFIG in content.config_records
+
+
+def read_secure_task(content: RecordDict) -> tuple[ClientTask, dict[str, Any], int, int,
+                                                    dict[str, tuple[int, ...]], float]:
+    """The client's side of ``secure_fitins``: task, settings, round, attempt, upload layout, weight scale."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = fitins.config
+    keys = json.loads(str(config["keys"]))
+    values = parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(values):
+        raise ValueError(f"secure task: {len(values)} arrays for {len(keys)} keys")
+    arrays = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in zip(keys, values)}
+    layout = {k: tuple(shape) for k, shape in json.loads(str(config["layout"]))}
+    return (ClientTask(arrays=arrays, config=json.loads(str(config["task"]))), json.loads(str(config["setup"])),
+            int(config["round"]), int(config["attempt"]), layout, float(config["weight-scale"]))
+
+
+def secure_reply_content(encoded: dict[str, torch.Tensor], layout: dict[str, tuple[int, ...]],
+                         metrics: dict[str, Any]) -> RecordDict:
+    """The client's legacy FitRes: ``encoded`` in ``layout`` order as float64, num_examples = 1 (SecAgg+'s
+    weight: Flower then divides the sum by the number of clients, which the server multiplies back)."""
+    if set(encoded) != set(layout):
+        raise ValueError(f"secure_encode's keys differ from the layout: {sorted(set(encoded) ^ set(layout))[:3]}")
+    for key, shape in layout.items():
+        if tuple(encoded[key].shape) != tuple(shape):
+            raise ValueError(f"secure_encode: {key} has shape {tuple(encoded[key].shape)}, the layout {shape}")
+    parameters = ndarrays_to_parameters([encoded[k].detach().cpu().double().contiguous().numpy() for k in layout])
+    fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=parameters, num_examples=1,
+                    metrics=dict(metrics))
+    return compat.fitres_to_recorddict(fitres, keep_input=False)

@@ -31,7 +31,8 @@ from ..measure import aggregation_noise, init_noise, nbytes, paper_aggregation_n
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
 from . import attacks
-from .messages import read_update, task_content
+from .messages import read_update, secure_fitins, task_content
+from .secure import UNAVAILABLE, secure_noise, secure_round, unmasked_sums
 
 
 def state_to_arrays(state: State) -> ArrayRecord:
@@ -76,7 +77,8 @@ class Accepted:
                 "train_s": float(self.metrics.get("train_s", 0.0)), "client_s": float(self.metrics.get("client-s", 0.0))}
 
 
-def noise_entry(init_fn: float, agg_fn: float, init_paper: float, agg_paper: float) -> dict[str, float]:
+def noise_entry(init_fn: float, agg_fn: float | None, init_paper: float, agg_paper: float | None
+                ) -> dict[str, float | None]:
     """A round's noise keys (``measure.NOISE_KEYS``); ``init_noise``/``agg_noise`` repeat the function-level
     figures under the names histories used before the paper's were added, for readers of those."""
     return {"fn_init_noise": init_fn, "fn_agg_noise": agg_fn, "paper_init_noise": init_paper,
@@ -105,9 +107,9 @@ class RoundRecord:
     bytes_down: int = 0
     # noise, two families (docs/method.md, "Measurements"): function level, and the paper's definitions
     fn_init_noise: float = 0.0
-    fn_agg_noise: float = 0.0
+    fn_agg_noise: float | None = 0.0  # None: not measurable (secure aggregation)
     paper_init_noise: float = 0.0
-    paper_agg_noise: float = 0.0
+    paper_agg_noise: float | None = 0.0
     agg_s: float = 0.0
     measure_s: float = 0.0
     train_loss: float | None = None
@@ -116,6 +118,9 @@ class RoundRecord:
     # the sampled clients that are Byzantine (attacks.py): for measuring an aggregator, which never sees it
     attackers: list[int] = dataclasses.field(default_factory=list)
     dp_epsilon: float | None = None  # the privacy spent after this round (dp_mode on only)
+    # secure aggregation (secure.py): the server held only the sum; agg noise is then None (noise_unavailable)
+    secure: bool = False
+    dropouts: list[int] = dataclasses.field(default_factory=list)  # clients that left the SecAgg+ protocol
 
     def fail(self, cid: int | None, stage: str, reason: str) -> None:
         """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
@@ -130,6 +135,10 @@ class RoundRecord:
                  "clients": self.clients, "failures": self.failures, "attackers": self.attackers}
         if self.dp_epsilon is not None:
             entry["dp_epsilon"] = self.dp_epsilon
+        if self.secure:
+            entry.update(secure=True, survivors=len(self.clients), dropouts=self.dropouts,
+                         noise_unavailable={"fn_agg_noise": UNAVAILABLE, "paper_agg_noise": UNAVAILABLE,
+                                            "agg_noise": UNAVAILABLE})
         return entry
 
 
@@ -150,6 +159,8 @@ class HeteroLoRAStrategy(Strategy):
         attacks.check_task(cfg)  # an attack the task cannot carry is refused before the first round
         self.attackers = attacks.attackers(cfg)  # for the history only; aggregation never reads it
         self.accountant, self.dp_uploads = self._accountant(cfg), {}  # cid -> noisy uploads it was asked for
+        self.state_arrays: ArrayRecord | None = None  # secure aggregation: the global arrays of the round
+        self.counting = None  # secure aggregation: the attempt's CountingGrid (payload per node)
 
     # ------------------------------------------------------------ differential privacy
     def _accountant(self, cfg: RunConfig):
@@ -296,10 +307,13 @@ class HeteroLoRAStrategy(Strategy):
             t0 = time.perf_counter()
             for attempt in range(attempts):
                 self._status(f"round {rnd}/{num_rounds}: training" + (f" (retry {attempt})" if attempt else ""))
-                config = ConfigRecord({**dict(train_config), "attempt": attempt})
-                messages = list(self.configure_train(rnd, arrays, config, grid))
-                replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-                new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+                if self.cfg.secure_aggregation:  # Flower's SecAgg+ workflow: the server sees only the sum
+                    new_arrays, train_metrics = secure_round(self, grid, rnd, arrays, attempt, timeout)
+                else:
+                    config = ConfigRecord({**dict(train_config), "attempt": attempt})
+                    messages = list(self.configure_train(rnd, arrays, config, grid))
+                    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+                    new_arrays, train_metrics = self.aggregate_train(rnd, replies)
                 if new_arrays is not None:
                     arrays = result.arrays = new_arrays
                     result.train_metrics_clientapp[rnd] = train_metrics
@@ -330,25 +344,112 @@ class HeteroLoRAStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client, each with its own task; ``config["attempt"]`` > 0 is a retry."""
         attempt = int(config.get("attempt", 0))
-        if attempt == 0:
-            self.record = RoundRecord(round=server_round)
-        self.record.attempts, self.record.clients = attempt + 1, []
-        self.state = arrays_to_state(arrays)
-        cids = self.sample(server_round, attempt)
-        self.record.attackers = sorted(set(cids) & self.attackers)
-        infos = self.client_infos(grid, server_round, cids)
-        self._declared = {info.cid: info.num_samples for info in infos}
-        messages, self._pending = [], {}
-        for info in infos:
-            task = self.method.configure_client(self.state, info, server_round)
-            self._pending[self.nodes[info.cid]] = (info.cid, task)
-            if self.cfg.dp_mode == "local":  # it may upload a noisy update: counted whether or not it arrives
-                self.dp_uploads[info.cid] = self.dp_uploads.get(info.cid, 0) + 1
+        self.record_for(server_round, attempt)
+        messages = []
+        for info, task in self.round_tasks(server_round, arrays, attempt, grid):
             content = task_content(task, self.setup, server_round)
             content["config"]["attempt"] = attempt
             messages.append(Message(content=content, message_type="train", dst_node_id=self.nodes[info.cid]))
             self.record.bytes_down += nbytes(task.arrays)
         return messages
+
+    def record_for(self, server_round: int, attempt: int) -> RoundRecord:
+        """The round's record: a new one at the first attempt; a retry keeps its failures and traffic."""
+        if attempt == 0:
+            self.record = RoundRecord(round=server_round)
+        self.record.attempts, self.record.clients, self._pending = attempt + 1, [], {}
+        return self.record
+
+    def round_tasks(self, server_round: int, arrays: ArrayRecord, attempt: int,
+                    grid: Grid) -> list[tuple[ClientInfo, ClientTask]]:
+        """Sample, ask the sampled clients' budgets, and build each one's task (plain and secure rounds alike)."""
+        self.state = arrays_to_state(arrays)
+        cids = self.sample(server_round, attempt)
+        self.record.attackers = sorted(set(cids) & self.attackers)
+        infos = self.client_infos(grid, server_round, cids)
+        self._declared = {info.cid: info.num_samples for info in infos}
+        out, self._pending = [], {}
+        for info in infos:
+            task = self.method.configure_client(self.state, info, server_round)
+            self._pending[self.nodes[info.cid]] = (info.cid, task)
+            if self.cfg.dp_mode == "local":  # it may upload a noisy update: counted whether or not it arrives
+                self.dp_uploads[info.cid] = self.dp_uploads.get(info.cid, 0) + 1
+            out.append((info, task))
+        return out
+
+    # ------------------------------------------------------------ secure aggregation (secure.py drives these)
+    @property
+    def secure_pending(self) -> dict[int, tuple[int, ClientTask]]:
+        return self._pending
+
+    def secure_configure(self, server_round: int, attempt: int, grid: Grid) -> list[tuple[int, Any]]:
+        """(node, FitIns) for this attempt's clients: the same sampling, budgets and tasks as a plain round, the
+        upload's layout and the weight scale (the largest sample count the round's clients declared)."""
+        pairs = self.round_tasks(server_round, self.state_arrays, attempt, grid)
+        layout = self.method.secure_layout(self.state)
+        scale = float(max((info.num_samples for info, _ in pairs), default=1))
+        return [(self.nodes[info.cid], secure_fitins(task, self.setup, server_round, attempt, layout, scale))
+                for info, task in pairs]
+
+    def secure_aggregate(self, server_round: int, results: list) -> ArrayRecord | None:
+        """The new global state from the unmasked aggregate of the K clients whose vectors SecAgg+ summed, or
+        None (recorded) when it cannot be used. ``results``: (proxy, FitRes) with the aggregate as parameters
+        and each client's plain scalar metrics; never a client's own pairs."""
+        rec = self.record
+        survivors = sorted((self._pending[proxy.node_id][0], self._pending[proxy.node_id][1], proxy.node_id,
+                            dict(fitres.metrics)) for proxy, fitres in results)
+        rec.clients = [self.describe_secure(cid, task, node, metrics) for cid, task, node, metrics in survivors]
+        if len(survivors) < self.cfg.min_replies:
+            rec.fail(None, "round", f"only {len(survivors)} clients survived secure aggregation, min_replies="
+                                    f"{self.cfg.min_replies}: nothing aggregated, global state unchanged")
+            return None
+        tasks = [task for _, task, _, _ in survivors]
+        with one_thread():
+            t0 = time.perf_counter()
+            try:
+                sums, clients = unmasked_sums(results, self.method.secure_layout(self.state))
+                generator = (rng.torch_generator("dp_noise", self.cfg.seed, server_round)
+                             if self.cfg.dp_mode == "central" else None)
+                new_state = self.method.secure_aggregate(self.state, tasks, sums, clients, generator)
+            except Exception as e:
+                rec.fail(None, "round", f"the unmasked aggregate cannot be used ({type(e).__name__}: {e}): nothing "
+                                        "aggregated, global state unchanged")
+                return None
+            rec.agg_s = time.perf_counter() - t0
+            broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
+            if broken is not None:
+                rec.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
+                                        "global state unchanged")
+                return None
+            noise = secure_noise(self.method, self.state, tasks)
+            rec.fn_init_noise, rec.paper_init_noise = noise["fn_init_noise"], noise["paper_init_noise"]
+            rec.fn_agg_noise = rec.paper_agg_noise = None
+            rec.measure_s = time.perf_counter() - t0 - rec.agg_s
+        losses = [c["train_loss"] for c in rec.clients]
+        weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
+        rec.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
+        rec.aggregated = True
+        if self.accountant is not None:
+            self.accountant.step()
+            rec.dp_epsilon = self.dp_epsilon()
+        return state_to_arrays(new_state)
+
+    def describe_secure(self, cid: int, task: ClientTask, node: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A survivor's line in the history: what it reported in the clear (scalars), the payload that crossed."""
+        def number(key: str, cast=float):
+            value = metrics.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+            return cast(value) if ok else None
+
+        line = {"cid": cid, "rank": int(task.config.get("rank", self.method.rank)), "budget": number("budget", int),
+                "trained_pairs": number("trained-pairs", int), "num_samples": self._declared.get(cid),
+                "bytes_down": self.counting.down.get(node, 0), "bytes_up": self.counting.up.get(node, 0),
+                "train_loss": number("train_loss"), "train_s": number("train_s") or 0.0,
+                "client_s": number("client-s") or 0.0, "secure_clipped": number("secure-clipped", int),
+                "delta_norm": None}  # the server never holds the update it would measure
+        if self.cfg.dp_mode == "local":
+            line["dp_epsilon"] = self.client_epsilon(cid)
+        return line
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

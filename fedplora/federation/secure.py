@@ -1,0 +1,247 @@
+"""Secure aggregation: one round as Flower's own SecAgg+ workflow (docs/secure-aggregation.md).
+
+Nothing cryptographic is written here. A round runs ``flwr.server.workflow.SecAggPlusWorkflow`` through a
+``LegacyContext`` whose strategy is ``SecureRoundStrategy``, a small legacy ``Strategy`` adapter:
+
+* ``configure_fit`` is the round's own sampling, budget query and ``method.configure_client`` (exactly as a
+  plain round), each task as legacy ``FitIns`` (``messages.secure_fitins``);
+* the clients train as in a plain round and reply with the method's fixed-shape ``secure_encode`` (every pair
+  of every layer, zeros where they did not train, and per-pair weights), which Flower's ``secaggplus_mod``
+  quantizes and masks on the client (``client_app.secure_mod``);
+* ``aggregate_fit`` receives only what the workflow unmasked: Flower's weighted mean of the uploads. Every
+  client declares the weight 1 (``num_examples = 1``, ``max_weight = 1``), so that is sum / K over the K
+  clients whose masked vectors were summed; multiplied back by K it is the element-wise sum that
+  ``method.secure_aggregate`` turns into the new global state.
+
+The server never holds one client's pairs: the replies it receives carry masked integer vectors, key shares and
+scalar metrics, and the only arrays this module reads are the unmasked aggregate. A halted or failed
+workflow (too few survivors for the reconstruction threshold, a malformed masked vector that makes Flower
+raise) never touches the global state: the round is recorded as failed and retried or skipped like any round
+with too few replies (``on_too_few_replies``).
+
+``CountingGrid`` wraps the Grid to count the payload that crosses in every SecAgg+ stage, both ways, per node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+
+from ..config import secure_quantization_range
+from ..measure import init_noise, paper_init_noise
+from .messages import secure_fitins
+
+UNAVAILABLE = "secure aggregation: the server never holds an individual client's update"
+MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, CURRENT_ROUND = "config", "parameters", "current_round"  # flwr.server.workflow.constant
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The bytes of a message's payload: its arrays and the bytes (and lists) of its config records. Strings and
+    scalars (settings, task descriptions, metrics) are not counted, as in a plain round's ``nbytes``."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(array.data) for array in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
+    return total
+
+
+@dataclasses.dataclass
+class StageLog:
+    """One send_and_receive of the workflow: which SecAgg+ stage, who was asked, who answered, who failed why."""
+
+    stage: str
+    asked: set[int]
+    answered: set[int]
+    errors: dict[int, str]
+
+
+class CountingGrid:
+    """A Grid that counts every message's payload (``payload_bytes``) per node, both ways, and logs each stage."""
+
+    def __init__(self, grid) -> None:
+        self.grid = grid
+        self.down: dict[int, int] = defaultdict(int)
+        self.up: dict[int, int] = defaultdict(int)
+        self.stages: list[StageLog] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stage = "?"
+        for msg in messages:  # read before sending: an in-process client may edit the content it is handed
+            self.down[msg.metadata.dst_node_id] += payload_bytes(msg.content)
+            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is not None and Key.STAGE in configs:
+                stage = str(configs[Key.STAGE])
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        log = StageLog(stage, {m.metadata.dst_node_id for m in messages}, set(), {})
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.errors[node] = reply.error.reason
+            else:
+                self.up[node] += payload_bytes(reply.content)
+                log.answered.add(node)
+        self.stages.append(log)
+        return replies
+
+
+class SecureRoundStrategy(LegacyStrategy):
+    """The legacy Strategy the SecAgg+ workflow drives for one attempt of one round (see the module docstring).
+
+    ``owner`` is the run's ``HeteroLoRAStrategy``: sampling, tasks, the round record and aggregation stay there.
+    ``aggregate_fit`` stores the new global state (or None) in ``outcome`` and returns no parameters, so the
+    workflow's own context is never the place the global state lives.
+    """
+
+    def __init__(self, owner, grid, attempt: int) -> None:
+        self.owner, self.grid, self.attempt = owner, grid, attempt
+        self.called = False
+        self.outcome: ArrayRecord | None = None
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        proxies = client_manager.all()
+        return [(proxies[str(node)], fitins) for node, fitins in
+                self.owner.secure_configure(server_round, self.attempt, self.grid)]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.called = True
+        self.outcome = self.owner.secure_aggregate(server_round, results)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def threshold(cfg, clients: int) -> tuple[int, int]:
+    """(shares, reconstruction threshold) as SecAggPlusWorkflow derives them from its fractions for ``clients``."""
+    shares = round(cfg.secure_shares * clients)
+    if shares < clients and shares & 1 == 0:
+        shares += 1
+    if shares <= 2:
+        shares = clients
+    return shares, max(round(cfg.secure_threshold * shares), 2)
+
+
+def secure_round(owner, grid, server_round: int, arrays: ArrayRecord, attempt: int,
+                 timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """One attempt of a round under secure aggregation: (new global arrays, metrics), or (None, None) when the
+    workflow halted or failed (recorded in ``owner.record``; the global state is unchanged)."""
+    cfg, rec = owner.cfg, owner.record_for(server_round, attempt)
+    owner.state_arrays = arrays
+    counting = CountingGrid(grid)
+    owner.counting = counting
+    manager = SimpleClientManager()
+    for node in owner.nodes.values():
+        manager.register(GridClientProxy(node_id=node, grid=counting, run_id=0))
+    adapter = SecureRoundStrategy(owner, grid, attempt)
+    workflow = SecAggPlusWorkflow(cfg.secure_shares, cfg.secure_threshold, max_weight=1.0,
+                                  clipping_range=float(cfg.secure_clip),
+                                  quantization_range=secure_quantization_range(cfg), timeout=timeout)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=adapter, client_manager=manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the global state is never handed to Flower
+    error = None
+    try:
+        workflow(counting, context)
+    except Exception as e:  # a malformed masked vector, a broken reply: the round fails, the server goes on
+        error = f"secure aggregation failed ({type(e).__name__}: {e})"
+    rec.bytes_down += sum(counting.down.values())
+    rec.bytes_up += sum(counting.up.values())
+    rec.secure = True
+    _record_dropouts(owner, counting)
+    if not adapter.called or adapter.outcome is None:
+        if not adapter.called:
+            rec.fail(None, "round", (error or _halt_reason(cfg, counting, owner)) +
+                     ": nothing aggregated, global state unchanged")
+        elif error:
+            rec.fail(None, "round", error + ": nothing aggregated, global state unchanged")
+        rec.dp_epsilon = owner.dp_epsilon()
+        return None, None
+    if error:  # aggregate_fit ran and then Flower raised: the aggregate stands (it was computed from the sum)
+        rec.fail(None, "round", error + " after aggregation")
+    return adapter.outcome, MetricRecord({"bytes-up": rec.bytes_up, "bytes-down": rec.bytes_down})
+
+
+def _halt_reason(cfg, counting: CountingGrid, owner) -> str:
+    if not counting.stages:
+        return (f"secure aggregation needs at least 2 clients to start, {len(owner.secure_pending)} answered "
+                "the budget query")
+    last = counting.stages[-1]
+    sampled = len(counting.stages[0].asked)
+    _, t = threshold(cfg, sampled)
+    return (f"secure aggregation halted at stage {last.stage}: {len(last.answered)} of the round's {sampled} "
+            f"clients left, SecAgg+ needs {t} to rebuild the masks")
+
+
+def _record_dropouts(owner, counting: CountingGrid) -> None:
+    """Each client that left the protocol, once, at the first stage it failed or did not answer in."""
+    by_node = {node: cid for node, (cid, _) in owner.secure_pending.items()}
+    gone: set[int] = set()
+    for log in counting.stages:
+        for node in sorted(log.asked - log.answered - gone):
+            reason = log.errors.get(node, "no reply within the timeout")
+            owner.record.fail(by_node.get(node), f"secure:{log.stage}", reason)
+            gone.add(node)
+    owner.record.dropouts = sorted(by_node[n] for n in gone if n in by_node)
+
+
+def unmasked_sums(results, layout: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], int]:
+    """The element-wise sum of the K summed uploads from what the workflow hands ``aggregate_fit``: every
+    result carries the same unmasked parameters, Flower's mean sum / K (weights 1); times K, per layout key."""
+    clients = len(results)
+    shared = results[0][1].parameters
+    if any(fitres.parameters is not shared for _, fitres in results):
+        raise ValueError("aggregate_fit was handed per-client parameters, not the one unmasked aggregate")
+    if any(fitres.num_examples != 1 for _, fitres in results):
+        raise ValueError("a client declared a SecAgg+ weight other than 1, so the aggregate is not sum / K")
+    values = parameters_to_ndarrays(shared)
+    if len(values) != len(layout):
+        raise ValueError(f"the unmasked aggregate has {len(values)} arrays, the layout {len(layout)}")
+    sums = {}
+    for (key, shape), value in zip(layout.items(), values):
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"the unmasked aggregate's {key} has shape {tuple(value.shape)}, the layout {shape}")
+        sums[key] = torch.from_numpy(np.asarray(value, dtype=np.float64) * clients)
+    return sums, clients
+
+
+def secure_noise(method, state, tasks) -> dict[str, Any]:
+    """The round's noise figures under secure aggregation: initialization noise from the tasks the server built;
+    aggregation noise needs each client's end adapter, so it is None, with the reason."""
+    g_old = method.global_factors(state)
+    return {"fn_init_noise": float(np.mean([init_noise(g_old, method.client_start_factors(t)) for t in tasks])),
+            "paper_init_noise": paper_init_noise(method.global_pairs(state),
+                                                 [method.client_start_pairs(t) for t in tasks]),
+            "fn_agg_noise": None, "paper_agg_noise": None}
+
