@@ -140,7 +140,9 @@ def _wait_exit(proc, timeout=90):
 
 @pytest.mark.slow
 def test_loopback_deployment_with_declared_budgets(tiny_assets, tmp_path):
-    """Over TLS with SuperNode authentication; the server's data folder is not the devices' one."""
+    """Over TLS with SuperNode authentication; the server's data folder is not the devices' one. Under secure
+    aggregation (Flower's SecAgg+ over the same secured connections): the plain ServerApp path is the one every
+    simulation test runs, so this run covers what only a deployment adds, with what only SecAgg+ adds."""
     from assets import make_tweets_slice
 
     from fedplora.federation.deployment import run_loopback
@@ -148,11 +150,13 @@ def test_loopback_deployment_with_declared_budgets(tiny_assets, tmp_path):
     from fedplora.tasks.partition import partition_for
 
     server_data = make_tweets_slice(tmp_path / "server-tweets", per_label=40)  # the devices hold 60 per label
-    cfg = _cfg(tiny_assets, tmp_path, data_dir=str(server_data))
+    cfg = _cfg(tiny_assets, tmp_path, data_dir=str(server_data), secure_aggregation=True)
     out = run_loopback(cfg, tmp_path / "dep", max_ranks=[1, 2, 4], timeout=600,
                        device_files={"data_dir": tiny_assets["data_dir"], "model": tiny_assets["model"]})
     summary = json.loads((out / "summary.json").read_text())
-    clients = summary["history"][1]["clients"]
+    entry = summary["history"][1]
+    assert entry["secure"] and entry["aggregated"] and entry["survivors"] == 3 and entry["fn_agg_noise"] is None
+    clients = entry["clients"]
     assert sorted((c["cid"], c["budget"], c["trained_pairs"]) for c in clients) == [(0, 1, 1), (1, 2, 2), (2, 4, 4)]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # the devices trained on their own folder, not on the one the server's settings named
