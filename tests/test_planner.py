@@ -113,6 +113,11 @@ def test_cli_plan(capsys):
     out = capsys.readouterr().out
     assert "plan: rank 8, batch 2, quantization none, gradient checkpointing off" in out
     assert "alternatives" in out and "4bit" in out
+    # a CUDA plan of a float32 base says how far the CPU-fitted planner was off on a GPU (docs/memory.md)
+    assert main(["plan", "--memory", "2GB", "--device", "cuda"]) == 0
+    assert "float32 peaks were 1.3x to 1.9x" in capsys.readouterr().out
+    assert main(["plan", "--memory", "2GB", "--device", "cuda", "--dtype", "bfloat16"]) == 0
+    assert "1.9x" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [
