@@ -182,6 +182,13 @@ def test_a_layer_whose_sums_are_malformed_is_refused_by_name():
         method.secure_aggregate(STATE, tasks, {**sums, "head.weight": t(float("nan"))}, clients=3)
     with pytest.raises(ValueError, match="missing"):
         method.secure_aggregate(STATE, tasks, {k: v for k, v in sums.items() if k != "L.w"}, clients=3)
+    # an upload that declared another SecAgg+ weight scales the whole sum: the counts stop being whole numbers
+    # of the summed uploads (every upload holds exactly 1 for the heads, 0 or 1 per pair)
+    with pytest.raises(ValueError, match="3 uploads were summed but heads.count counts 2"):
+        method.secure_aggregate(STATE, tasks, {**sums, "heads.count": sums["heads.count"] * 2 / 3}, clients=3)
+    with pytest.raises(ValueError, match="L.count is not a count of at most 3 uploads"):
+        method.secure_aggregate(STATE, tasks, {k: v * 1.1 for k, v in sums.items()}, clients=3)
+    assert method.secure_aggregate(STATE, tasks, sums, clients=3)  # the honest sums pass
 
 
 def test_methods_that_need_individual_updates_refuse_secure_aggregation():

@@ -222,7 +222,7 @@ class FederatedMethod(ABC):
         weighted mean of the deltas over the clients it averages over (``aggregate``'s rule); a pair nobody trained
         keeps its value. With central DP (``self.dp``), the sums of clipped deltas are released as in
         ``private_aggregate``: noise per coordinate, fixed divisors. Float64, cast back to the state's dtype."""
-        self.check_secure_sums(state, sums)
+        self.check_secure_sums(state, sums, clients)
         if self.dp is not None:
             return self.secure_dp_release(state, sums, generator)
         new: State = {}
@@ -248,8 +248,11 @@ class FederatedMethod(ABC):
             deltas[layer + B_SUFFIX][:, none] = 0
         return dp_release(self.dp, state, deltas, counts, generator)
 
-    def check_secure_sums(self, state: State, sums: State) -> None:
-        """The unmasked sums have the layout's keys and shapes and finite values; raise ValueError naming the key."""
+    def check_secure_sums(self, state: State, sums: State, clients: int | None = None) -> None:
+        """The unmasked sums have the layout's keys and shapes and finite values, and (given the number of summed
+        uploads) every trained count is a whole number of them: each upload holds 0 or 1 per pair and exactly 1
+        for the heads, so a count off by more than rounding means an upload declared another SecAgg+ weight or
+        was not an encoding. Raise ValueError naming the key."""
         layout = self.secure_layout(state)
         if set(sums) != set(layout):
             raise ValueError(f"secure sums: keys differ from the layout (missing {sorted(set(layout) - set(sums))[:3]}, "
@@ -259,6 +262,18 @@ class FederatedMethod(ABC):
                 raise ValueError(f"secure sums: {key} has shape {tuple(sums[key].shape)}, expected {shape}")
             if not bool(torch.isfinite(sums[key]).all()):
                 raise ValueError(f"secure sums: {key} contains NaN or Inf")
+        if clients is None:
+            return
+        for key in layout:
+            if not key.endswith(COUNT_SUFFIX) and key != HEADS_COUNT:
+                continue
+            count = sums[key]
+            off = float((count - count.round()).abs().max())
+            if off > 0.01 or float(count.min()) < -0.01 or float(count.max()) > clients + 0.01:
+                raise ValueError(f"secure sums: {key} is not a count of at most {clients} uploads "
+                                 f"(range {float(count.min()):.4g}..{float(count.max()):.4g})")
+            if key == HEADS_COUNT and round(float(count[0])) != clients:
+                raise ValueError(f"secure sums: {clients} uploads were summed but {key} counts {float(count[0]):.4g}")
 
     def update_delta(self, task: ClientTask, update: ClientUpdate) -> State:
         """What training changed, float64, per uploaded key: each trained pair's rows (A) and columns (B) minus the

@@ -76,7 +76,7 @@ class HetLoRA(LeadingPairsMethod):
         pairs up to the round's largest rank); the rest keep their value (``keep_untrained``) or become zero.
         Deviation from ``aggregate``: a layer in which every client's product is zero (no norm to weight by)
         keeps its value; the plain path averages it with the sample weights, which the sums do not hold."""
-        self.check_secure_sums(state, sums)
+        self.check_secure_sums(state, sums, clients)
         if self.dp is not None:
             return self.secure_dp_release(state, sums, generator)
         new: State = {}
