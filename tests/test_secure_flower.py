@@ -116,6 +116,9 @@ def test_secure_round_equals_the_plain_aggregation_within_the_quantization_bound
         assert torch.equal(again[key], state[key]), key  # seeded stochastic rounding: reproducible bit for bit
     # the history: noise that needs each client's update is unavailable, never faked; traffic counted
     assert entry["fn_agg_noise"] is None and entry["paper_agg_noise"] is None and entry["agg_noise"] is None
+    from fedplora.federation.progress import noise_line
+
+    assert noise_line(entry).count("agg n/a") == 2  # the console says so, rather than nan
     assert "never holds" in entry["noise_unavailable"]["fn_agg_noise"]
     assert entry["fn_init_noise"] == 0.0 and entry["paper_init_noise"] == 0.0  # Select-N-Fold starts at the global
     assert all(c["secure_clipped"] == 0 and c["train_loss"] is not None for c in entry["clients"])

@@ -10,7 +10,11 @@ from ..measure import noise_of
 
 def noise_line(entry: dict[str, Any]) -> str:
     """Both noise families, compactly: function level (fn) and the paper's parameter-level definitions (paper)."""
-    fig = lambda key: f"{noise_of(entry, key):.2e}"
+    def fig(key: str) -> str:
+        if key in entry and entry[key] is None:  # not measurable this round (secure aggregation)
+            return "n/a"
+        return f"{noise_of(entry, key):.2e}"
+
     return (f"noise fn init {fig('fn_init_noise')} agg {fig('fn_agg_noise')} | "
             f"paper init {fig('paper_init_noise')} agg {fig('paper_agg_noise')}")
 
