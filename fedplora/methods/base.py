@@ -228,22 +228,29 @@ class FederatedMethod(ABC):
         new: State = {}
         for layer in layer_names(state):
             a, b = layer + A_SUFFIX, layer + B_SUFFIX
-            weight, trained = sums[layer + WEIGHT_SUFFIX], sums[layer + COUNT_SUFFIX].round() > 0
-            step = torch.where(trained, weight, torch.ones_like(weight))
-            A, B = state[a].double().clone(), state[b].double().clone()
-            A[trained] += sums[a][trained] / step[trained, None]
-            B[:, trained] += sums[b][:, trained] / step[None, trained]
+            A, B = self.secure_layer(state, layer, sums)
             new[a], new[b] = A.to(state[a].dtype), B.to(state[b].dtype)
         new.update(secure_heads(state, sums))
         return new
+
+    def secure_layer(self, state: State, layer: str, sums: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's new (A, B) in float64 from the sums: each trained pair moves by its weighted delta sum over
+        its weight sum; a pair whose trained count is 0 keeps its value."""
+        a, b = layer + A_SUFFIX, layer + B_SUFFIX
+        weight, trained = sums[layer + WEIGHT_SUFFIX], sums[layer + COUNT_SUFFIX].round() > 0
+        step = torch.where(trained, weight, torch.ones_like(weight))
+        A, B = state[a].double().clone(), state[b].double().clone()
+        A[trained] += sums[a][trained] / step[trained, None]
+        B[:, trained] += sums[b][:, trained] / step[None, trained]
+        return A, B
 
     def secure_dp_release(self, state: State, sums: State, generator: torch.Generator | None) -> State:
         """Central DP's release from the sums of the clients' clipped deltas (``dp_release``). A coordinate no
         client can train (expected count 0) is zero in every upload: its quantization residue is dropped."""
         counts = self.dp_pair_counts()
         deltas = {k: sums[k].clone() for k in state}
+        none = torch.as_tensor(counts, dtype=torch.float64) == 0
         for layer in layer_names(state):
-            none = torch.as_tensor(counts, dtype=torch.float64) == 0
             deltas[layer + A_SUFFIX][none] = 0
             deltas[layer + B_SUFFIX][:, none] = 0
         return dp_release(self.dp, state, deltas, counts, generator)

@@ -14,7 +14,6 @@ from .base import (
     average_heads,
     layer_names,
     padded_average,
-    secure_heads,
 )
 
 
@@ -70,27 +69,19 @@ class HetLoRA(LeadingPairsMethod):
             out[layer + WEIGHT_SUFFIX][:] = n
         return out
 
-    def secure_aggregate(self, state: State, tasks: list[ClientTask], sums: State, clients: int,
-                         generator=None) -> State:
+    def secure_layer(self, state: State, layer: str, sums: State):
         """The norm-weighted zero-padded average over the pairs some client trained (``.count`` > 0: the leading
         pairs up to the round's largest rank); the rest keep their value (``keep_untrained``) or become zero.
         Deviation from ``aggregate``: a layer in which every client's product is zero (no norm to weight by)
         keeps its value; the plain path averages it with the sample weights, which the sums do not hold."""
-        self.check_secure_sums(state, sums, clients)
-        if self.dp is not None:
-            return self.secure_dp_release(state, sums, generator)
-        new: State = {}
-        for layer in layer_names(state):
-            a, b = layer + A_SUFFIX, layer + B_SUFFIX
-            A, B = state[a].double().clone(), state[b].double().clone()
-            trained, total = sums[layer + COUNT_SUFFIX].round() > 0, float(sums[layer + WEIGHT_SUFFIX].max())
-            if total > 0:
-                A[trained], B[:, trained] = sums[a][trained] / total, sums[b][:, trained] / total
-            if not self.keep_untrained:
-                A[~trained], B[:, ~trained] = 0, 0
-            new[a], new[b] = A.to(state[a].dtype), B.to(state[b].dtype)
-        new.update(secure_heads(state, sums))
-        return new
+        a, b = layer + A_SUFFIX, layer + B_SUFFIX
+        A, B = state[a].double().clone(), state[b].double().clone()
+        trained, total = sums[layer + COUNT_SUFFIX].round() > 0, float(sums[layer + WEIGHT_SUFFIX].max())
+        if total > 0:
+            A[trained], B[:, trained] = sums[a][trained] / total, sums[b][:, trained] / total
+        if not self.keep_untrained:
+            A[~trained], B[:, ~trained] = 0, 0
+        return A, B
 
     def norm_weights(self, updates: list[ClientUpdate], layer: str) -> list[float]:
         norms = [norm_of_sum([(1.0, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]) for u in updates]
