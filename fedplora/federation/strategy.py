@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +29,7 @@ from ..config import RunConfig
 from ..measure import aggregation_noise, init_noise, nbytes, paper_aggregation_noise, paper_init_noise
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from ..methods.base import State
+from ..privacy import update_norm
 from . import attacks
 from .messages import read_update, secure_fitins, task_content
 from .secure import UNAVAILABLE, secure_noise, secure_round, unmasked_sums
@@ -416,10 +416,7 @@ class HeteroLoRAStrategy(Strategy):
                                         "aggregated, global state unchanged")
                 return None
             rec.agg_s = time.perf_counter() - t0
-            broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
-            if broken is not None:
-                rec.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
-                                        "global state unchanged")
+            if not self.finite(new_state):
                 return None
             noise = secure_noise(self.method, self.state, tasks)
             rec.fn_init_noise, rec.paper_init_noise = noise["fn_init_noise"], noise["paper_init_noise"]
@@ -428,10 +425,7 @@ class HeteroLoRAStrategy(Strategy):
         losses = [c["train_loss"] for c in rec.clients]
         weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
         rec.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
-        rec.aggregated = True
-        if self.accountant is not None:
-            self.accountant.step()
-            rec.dp_epsilon = self.dp_epsilon()
+        self.released()
         return state_to_arrays(new_state)
 
     def describe_secure(self, cid: int, task: ClientTask, node: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -472,19 +466,28 @@ class HeteroLoRAStrategy(Strategy):
             else:
                 new_state = self.method.aggregate(self.state, tasks, updates)
             self.record.agg_s = time.perf_counter() - t0
-            broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
-            if broken is not None:  # never let a state with NaN or Inf replace the global one
-                self.record.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
-                                                "global state unchanged")
+            if not self.finite(new_state):
                 return None, None
             self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
-        self.record.aggregated = True
-        if self.accountant is not None:  # one step per aggregate actually released
-            self.accountant.step()
-            self.record.dp_epsilon = self.dp_epsilon()
+        self.released()
         return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
                                                         "bytes-down": self.record.bytes_down})
+
+    def finite(self, new_state: State) -> bool:
+        """False (recorded) when aggregation made a value NaN or Inf: such a state never replaces the global one."""
+        broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
+        if broken is not None:
+            self.record.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
+                                            "global state unchanged")
+        return broken is None
+
+    def released(self) -> None:
+        """The round's aggregate replaces the global state: recorded, and one accountant step per release."""
+        self.record.aggregated = True
+        if self.accountant is not None:
+            self.accountant.step()
+            self.record.dp_epsilon = self.dp_epsilon()
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the global model is evaluated centrally (evaluate_fn) on the server's held-out split
@@ -557,10 +560,9 @@ class HeteroLoRAStrategy(Strategy):
         """The L2 norm of what the client's training changed (``method.update_delta``), for the history: the scale
         to choose ``dp_clip`` from. None for a method whose upload is not a change of global values (FLoRA)."""
         try:
-            delta = self.method.update_delta(task, update)
+            return update_norm(self.method.update_delta(task, update))
         except NotImplementedError:
             return None
-        return math.sqrt(sum(float(t.pow(2).sum()) for t in delta.values()))
 
     def check_claim(self, cid: int, update: ClientUpdate) -> None:
         """A reply may not claim more samples than its client declared in this round's query.

@@ -147,7 +147,8 @@ class FederatedMethod(ABC):
         if self.dp is None:
             raise ValueError(f"{self.name} was built without central DP (the dp option)")
         trained = [self.trained_pairs(t, u) for t, u in zip(tasks, updates)]
-        return dp_pair_aggregate(self.dp, state, updates, trained, self.dp_pair_counts(), generator)
+        deltas = [self.update_delta(t, u) for t, u in zip(tasks, updates)]
+        return dp_pair_aggregate(self.dp, state, deltas, trained, self.dp_pair_counts(), generator)
 
     # ------------------------------------------------------------ secure aggregation (docs/secure-aggregation.md)
     # Under SecAgg+ the server learns only the element-wise sum of the clients' uploads, so every client sends the
@@ -569,12 +570,12 @@ def robust_pair_aggregate(aggregator: Aggregator, state: State, updates: list[Cl
     return new
 
 
-def dp_pair_aggregate(dp: CentralDP, state: State, updates: list[ClientUpdate], trained: list[dict[str, list[int]]],
+def dp_pair_aggregate(dp: CentralDP, state: State, deltas: list[State], trained: list[dict[str, list[int]]],
                       pair_counts: torch.Tensor, generator: torch.Generator | None) -> State:
     """Central DP per pair index (docs/robustness.md, "Differential privacy").
 
-    Client i's delta is its uploaded pairs and heads minus their global values (``trained[i][layer]``: the pair
-    index of each uploaded row of A and column of B). The whole delta, all its tensors together, is clipped to
+    Client i's delta is its uploaded pairs and heads minus their global values (``FederatedMethod.update_delta``;
+    ``trained[i][layer]``: the pair index of each uploaded row of A and column of B). The whole delta, all its tensors together, is clipped to
     ``dp.clip`` (``privacy.clip_delta``); the clipped deltas are summed without weights per pair index (over the
     clients that trained it) and per head (over every client); ``privacy.noisy_pair_mean`` adds N(0, (sigma C)^2)
     to every coordinate of every sum, including pairs nobody trained this round, and divides pair j by
@@ -584,14 +585,7 @@ def dp_pair_aggregate(dp: CentralDP, state: State, updates: list[ClientUpdate], 
     """
     sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
     layers, heads = layer_names(state), head_keys(state)
-    for u, pairs in zip(updates, trained):
-        delta: dict[str, torch.Tensor] = {}
-        for layer in layers:
-            a, b, idx = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(pairs[layer], dtype=torch.long)
-            delta[a] = u.arrays[a].double() - state[a].double()[idx]
-            delta[b] = u.arrays[b].double() - state[b].double()[:, idx]
-        for key in heads:
-            delta[key] = u.arrays[key].double() - state[key].double()
+    for delta, pairs in zip(deltas, trained):
         clipped, _, _ = clip_delta(delta, dp.clip)
         for layer in layers:
             a, b, idx = layer + A_SUFFIX, layer + B_SUFFIX, torch.tensor(pairs[layer], dtype=torch.long)
