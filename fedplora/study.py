@@ -7,6 +7,9 @@ Every cell of the grid is an ordinary run folder (``fedplora run`` writes the sa
 * a cell with a checkpoint but no summary is continued from it (``run_simulation(..., resume=True)``);
 * a cell whose saved settings differ from what the study file now says stops the study before anything
   runs, with one line naming the cell and the setting (results made with other settings are never mixed);
+* a cell that is not started, and whose exact settings a finished cell of another study listed in
+  ``[study] reuse`` already ran, is copied from there instead of being run again (same settings, same
+  numbers: runs are deterministic), so studies that share cells pay for them once;
 * a cell that fails is recorded in ``<out>/study-state.json`` with its error line, the others go on, and
   the next invocation tries it again.
 
@@ -37,7 +40,7 @@ from .config import BY_NAME, RunConfig
 from .errors import ConfigError, FedploraError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-STUDY_KEYS = {"name": str, "out": str, "seeds": list, "percent": bool, "description": str}
+STUDY_KEYS = {"name": str, "out": str, "seeds": list, "percent": bool, "description": str, "reuse": list}
 TOP_KEYS = ("study", "base", "task", "method", "partition", "override", "paper")
 ENTRY_META = {"task": ("name", "label", "metric"), "method": ("name", "label"), "partition": ("name", "label")}
 STUDY_SETS = ("seed", "out")  # set by the study for each cell, never by an entry
@@ -95,6 +98,7 @@ class Study:
     overrides: list[dict[str, Any]]
     paper: dict[str, dict[str, dict[str, float]]]
     paper_note: str
+    reuse: list[Path] = field(default_factory=list)  # other studies' out folders whose finished cells may be copied
     cells: list[Cell] = field(default_factory=list)
 
 
@@ -182,6 +186,10 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         raise ConfigError(f"{src}: [study]: seeds must be a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{src}: [study]: seeds {seeds} names a seed twice")
+    reuse = head.get("reuse", [])
+    if not all(isinstance(r, str) and r for r in reuse):
+        raise ConfigError(f"{src}: [study]: reuse must be a list of other studies' out folders (strings), "
+                          f"got {reuse!r}")
     base = data.get("base", {})
     if not isinstance(base, dict):
         raise ConfigError(f"{src}: [base] must be a table of fedplora settings")
@@ -214,7 +222,10 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study = Study(path=path, name=name, out=Path(out or head.get("out") or f"runs/study-{name}"), seeds=list(seeds),
                   percent=head.get("percent", True), description=head.get("description", ""), base=base,
                   tasks=tasks, methods=methods, partitions=partitions, overrides=overrides, paper=paper,
-                  paper_note=note)
+                  paper_note=note, reuse=[Path(r) for r in reuse])
+    if any(r.resolve() == study.out.resolve() for r in study.reuse):
+        raise ConfigError(f"{src}: [study]: reuse names this study's own out folder {study.out}; list other "
+                          "studies' out folders")
     study.cells = _cells(study)
     return study
 
@@ -333,6 +344,35 @@ def cell_status(cell: Cell) -> str:
     return "todo"
 
 
+def _settings_key(config: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in MAY_DIFFER}, sort_keys=True, default=str)
+
+
+def reusable_cells(study: Study) -> dict[str, Path]:
+    """Finished cells of the studies in ``[study] reuse``, by their settings (less MAY_DIFFER): the first found
+    wins. A folder that is missing or unreadable offers nothing (it may not have been run on this machine)."""
+    found: dict[str, Path] = {}
+    for root in study.reuse:
+        for summary in sorted(root.glob("cells/*/*/*/seed*/summary.json")):
+            folder = summary.parent
+            try:
+                json.loads(summary.read_text())
+                key = _settings_key(RunConfig.from_toml(folder / "config.toml").to_dict())
+            except (OSError, ValueError, FedploraError):
+                continue
+            found.setdefault(key, folder)
+    return found
+
+
+def reuse_cell(cell: Cell, source: Path) -> None:
+    """Copy a finished run folder into the cell, with its config.toml saying where it now lies."""
+    import shutil
+
+    shutil.copytree(source, cell.folder, dirs_exist_ok=True)
+    (cell.folder / "config.toml").write_text(RunConfig.from_toml(source / "config.toml").with_overrides(
+        out=str(expected_config(cell)["out"])).to_toml())
+
+
 def check_conflicts(study: Study) -> None:
     """Refuse to mix: a cell run with other settings stops the study before anything runs."""
     bad = [c for c in study.cells if cell_status(c) == "conflict"]
@@ -414,6 +454,18 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
             durations.setdefault(rel.split("/")[1], []).append(rec["seconds"])
     progress = Progress.console() if echo_rounds else None
     ran, failed = [], []
+    offered = reusable_cells(study) if study.reuse else {}
+    reused = []
+    for cell in [c for c in todo if statuses[c.rel] == "todo"]:
+        source = offered.get(_settings_key(expected_config(cell)))
+        if source is not None:
+            reuse_cell(cell, source)
+            state["cells"][cell.rel] = {"status": "done", "reused_from": str(source),
+                                        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_state(study.out, state)
+            reused.append(cell)
+            log(f"cell {cell.index}/{n} reused ({cell.describe()}): the same settings already ran in {source}")
+    todo = [c for c in todo if c not in reused]
     budget = len(todo) if only_cells is None else min(only_cells, len(todo))
     for k, cell in enumerate(todo[:budget]):
         resume = statuses[cell.rel] == "resume"
@@ -451,21 +503,26 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
             if isinstance(value, (int, float)) else
             f"cell {cell.index}/{n} done ({cell.describe()}) in {fmt_duration(seconds)}; {len(left)} left")
     left = len(todo) - len(ran)
-    return {"ran": ran, "failed": failed, "left": left}
+    return {"ran": ran, "failed": failed, "left": left, "reused": reused}
 
 
 def dry_run(study: Study, log=print) -> None:
     """The cells, their state and their cost in local training steps (and a time at STEP_SECONDS a step)."""
     check_conflicts(study)
     total_steps = 0
+    offered = reusable_cells(study) if study.reuse else {}
     log(f"study {study.name}: {len(study.tasks)} tasks x {len(study.partitions)} partitions x {len(study.methods)} "
         f"methods x {len(study.seeds)} seeds = {len(study.cells)} cells; outputs in {study.out}/")
+    left = 0
     for c in study.cells:
         steps = c.cfg.rounds * c.cfg.clients_per_round * c.cfg.local_steps
-        total_steps += steps if cell_status(c) != "done" else 0
-        log(f"  {c.index:4d}  {cell_status(c):8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
+        status = cell_status(c)
+        if status == "todo" and _settings_key(expected_config(c)) in offered:
+            status = "reuse"
+        total_steps += steps if status not in ("done", "reuse") else 0
+        left += status not in ("done", "reuse")
+        log(f"  {c.index:4d}  {status:8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
             f"{c.cfg.clients_per_round} clients x {c.cfg.local_steps} steps = {steps} local steps)")
-    left = sum(cell_status(c) != "done" for c in study.cells)
     log(f"to run: {left} cells, {total_steps} local steps: about {fmt_duration(total_steps * STEP_SECONDS)} of "
         f"training at {STEP_SECONDS} s a step (a simulated MiniLM step at batch 16 on 2 CPU cores, with evaluation "
         f"every 3rd round) plus about {fmt_duration(left * START_SECONDS)} of start-up ({START_SECONDS} s a cell)")

@@ -21,7 +21,7 @@ import pytest
 
 from fedplora.errors import ConfigError
 from fedplora.study import (add_study_parser, build_table, cell_status, check_conflicts, expected_config,
-                            load_study, main, write_report)
+                            load_study, main, read_state, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,6 +219,39 @@ def test_a_conflict_stops_the_command_with_one_line(tmp_path, capsys):
     assert err.startswith("fedplora: error: ") and "local_steps=2" in err and "\n" not in err
     assert main([str(path), "--out", str(tmp_path / "out"), "--report-only"]) == 2
     assert "local_steps=2" in capsys.readouterr().err and not (tmp_path / "out" / "table.json").exists()
+
+
+def test_a_cell_another_study_already_ran_with_the_same_settings_is_copied_not_run(tmp_path, capsys, monkeypatch):
+    from fedplora.study import run_study
+
+    first = load_study(write(tmp_path, TINY, "first.toml"), out=tmp_path / "first")
+    finish(first.cells[0], 0.7)  # iid/fedit-r/seed0
+    finish(first.cells[1], 0.6)  # iid/fedit-r2/seed0
+    # the second study: the same federation, FedIT R under another name; FedIT R/2 with another lr
+    second_text = (TINY.replace('name = "tiny"', 'name = "second"\nreuse = ["first", "missing"]')
+                   .replace('name = "fedit-r"\n', 'name = "fedit-full"\n')
+                   .replace("alpha = 8.0", "alpha = 8.0\nlr = 0.05").replace("seeds = [0, 1]", "seeds = [0]").replace("fedit-r = 70.0", "fedit-full = 70.0"))
+    path = write(tmp_path, second_text, "second.toml")
+    monkeypatch.chdir(tmp_path)  # reuse folders are relative to where the command runs, like out
+    assert main([str(path), "--out", str(tmp_path / "second"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "reuse     cells/tweets/iid/fedit-full/seed0" in out and "todo      cells/tweets/iid/fedit-r2/seed0" in out
+    assert "to run: 3 cells" in out
+    second = load_study(path, out=tmp_path / "second")
+    lines = []
+    result = run_study(second, only_cells=0, echo_rounds=False, log=lines.append)
+    assert [c.rel for c in result["reused"]] == ["cells/tweets/iid/fedit-full/seed0"] and result["ran"] == []
+    cell = second.cells[0]
+    assert cell_status(cell) == "done"  # its config.toml now names where it lies; nothing conflicts
+    check_conflicts(second)
+    assert (json.loads((cell.folder / "summary.json").read_text())
+            == json.loads((first.cells[0].folder / "summary.json").read_text()))
+    assert any("reused" in line and f"first/{first.cells[0].rel}" in line for line in lines)
+    assert read_state(tmp_path / "second")["cells"][cell.rel]["reused_from"] == f"first/{first.cells[0].rel}"
+    assert cell_status(second.cells[1]) == "todo"  # another lr: run, never copied
+    assert "reuse names this study's own out folder" in error_of(
+        tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nreuse = ["out"]'))
+    assert "reuse must be a list" in error_of(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nreuse = [1]'))
 
 
 def test_dry_run_lists_the_cells_and_their_state(tmp_path, capsys):
