@@ -685,6 +685,18 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
     lines.append("")
     if study.paper_note:
         lines += [f"Paper figures: {study.paper_note.strip()}", ""]
+    if len(study.partitions) > 1:  # each method across the settings it was run in, e.g. attacks or privacy levels
+        for task in study.tasks:
+            lines += [f"## {task.label}: {_metric_of(table, task.name)}{units} per partition", ""]
+            head = ["method", *[p.label for p in study.partitions]]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for method in study.methods:
+                row = [method.label]
+                for part in study.partitions:
+                    r = _find(table, task.name, part.name, method.name)
+                    row.append(_ours(r, digits) + (f" ({r['n']})" if r["n"] > 1 else ""))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
     for t in table["tables"]:
         if not any(r["n"] for r in t["rows"]):
             continue

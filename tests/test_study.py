@@ -287,6 +287,9 @@ def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path,
     report = first["report.md"].decode()
     assert "| FedIT R | IID | 72.00 ± 2.83 (2) [70.00] |" in report
     assert "| FedIT R/2 | non-IID | 56.00 ± 1.41 (2) |" in report
+    # each method across the partitions, side by side
+    assert "## tweets: accuracy (×100) per partition" in report and "| method | IID | non-IID |" in report
+    assert "| FedIT R/2 | 61.00 ± 1.41 (2) | 56.00 ± 1.41 (2) |" in report
     assert str(tmp_path) not in report and str(tmp_path) not in first["table.json"].decode()
     for name in ("tweets-iid-metric.png", "tweets-iid-noise.png", "tweets-skew-traffic.png"):
         assert (out / "plots" / name).is_file()
