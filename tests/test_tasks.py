@@ -460,3 +460,22 @@ def test_cli_missing_data_is_one_clear_line(capsys):
     assert main(["run", "--task", "sst2", "--clients", "2", "--clients-per-round", "1", "--rounds", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fedplora: error: sst2 needs its data: --data-dir FOLDER")
+
+
+def test_a_missing_data_folder_or_file_fails_before_flower_starts(tmp_path, monkeypatch):
+    """run_simulation checks where the data comes from first: no SuperLink is started for a run that
+    cannot read its data."""
+    from fedplora.federation import simulation
+
+    def no_flower(*a, **k):
+        raise AssertionError("Flower was started")
+
+    monkeypatch.setattr(simulation.subprocess, "Popen", no_flower)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nok .\t1\n")
+    for kw, message in [({}, "sst2 needs its data: --data-dir FOLDER"),
+                        ({"data_dir": str(tmp_path)}, f"sst2: no file {tmp_path / 'validation.tsv'}"),
+                        ({"task": "stsb", "data_dir": str(tmp_path)}, "stsb is GLUE's regression task")]:
+        cfg = RunConfig(**{"task": "sst2", **kw}).validate()
+        with pytest.raises(ConfigError if kw.get("task") else DataError, match=message):
+            simulation.run_simulation(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -20,4 +20,9 @@ def make_task(config) -> Task:
     return TASKS[config.task](config)
 
 
-__all__ = ["DataError", "GLUE", "TASKS", "Task", "make_task"]
+def check_source(config) -> None:
+    """Where a (validated) RunConfig's task reads its data from, checked without loading it."""
+    TASKS[config.task].check_source(config)
+
+
+__all__ = ["DataError", "GLUE", "TASKS", "Task", "check_source", "make_task"]

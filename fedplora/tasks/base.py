@@ -36,6 +36,12 @@ class Task(ABC):
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
+    @classmethod
+    def check_source(cls, config) -> None:
+        """Where the data is to come from, checked without reading it (a DataError line): run before Flower
+        starts, so a forgotten or misspelt data folder fails in a second, not after the federation's
+        start-up. Loading checks the contents."""
+
     @abstractmethod
     def load_splits(self) -> tuple[Dataset, Dataset]:
         """(train, test), the same on every process for a given seed."""

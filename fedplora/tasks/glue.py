@@ -144,22 +144,33 @@ class GlueTask(ClassificationTask):
 
     spec: GlueSpec
 
-    def load_splits(self) -> tuple[Dataset, Dataset]:
-        spec = self.spec
+    @classmethod
+    def check_source(cls, config) -> None:
+        spec, source = cls.spec, config.dataset
         refuse_regression(spec)
-        self.label_names = list(spec.labels)
-        source = self.config.dataset
         if source:
             kind = ref_kind(source)
             if kind == "hub":
-                return self._from_hub(source)
+                return
             if kind == "missing":
                 raise DataError(missing_message("dataset", source, "folder"))
             if not local_path(source).is_dir():
                 raise DataError(f"dataset: {source} is a file; {spec.name} reads a folder with GLUE's train.tsv "
                                 f"and {spec.held_out}.tsv")
-        elif not self.config.data_dir:
+        elif not config.data_dir:
             raise DataError(data_help(spec))
+        folder = local_path(source or config.data_dir)
+        for file in ("train.tsv", f"{spec.held_out}.tsv"):
+            if not (folder / file).is_file():
+                raise DataError(f"{spec.name}: no file {folder / file}; {data_help(spec)}")
+
+    def load_splits(self) -> tuple[Dataset, Dataset]:
+        spec = self.spec
+        self.check_source(self.config)
+        self.label_names = list(spec.labels)
+        source = self.config.dataset
+        if source and ref_kind(source) == "hub":
+            return self._from_hub(source)
         folder = local_path(source or self.config.data_dir)
         train = make_glue_dataset(*read_tsv(folder / "train.tsv", spec), spec)
         test = make_glue_dataset(*read_tsv(folder / f"{spec.held_out}.tsv", spec), spec)
