@@ -696,7 +696,8 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
                     r = _find(table, task.name, part.name, method.name)
                     row.append(_ours(r, digits) + (f" ({r['n']})" if r["n"] > 1 else ""))
                 lines.append("| " + " | ".join(row) + " |")
-            lines.append("")
+            lines += ["", f"![final {_metric_of(table, task.name)} per partition](plots/{task.name}-by-partition.png)",
+                      ""]
     for t in table["tables"]:
         if not any(r["n"] for r in t["rows"]):
             continue
@@ -755,7 +756,8 @@ def times_markdown(study: Study) -> str:
 
 
 def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
-    """Per task x partition: the metric per round per method (mean over seeds), noise per round, traffic."""
+    """Per task x partition: the metric per round per method (mean over seeds), noise per round, traffic; per
+    task with several partitions: each method's final metric across them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -819,6 +821,27 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(out / f"{stem}-traffic.png", dpi=110, metadata={"Software": None})
         plt.close(fig)
         written.append(out / f"{stem}-traffic.png")
+    tasks = list(dict.fromkeys(t["task"] for t in table["tables"]))
+    for task in tasks:  # each method's final metric across the partitions (attacks, privacy levels, ...)
+        parts = [t for t in table["tables"] if t["task"] == task]
+        if len(parts) < 2 or not any(r["n"] for t in parts for r in t["rows"]):
+            continue
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(parts) + 2), 4))
+        for i, first in enumerate(parts[0]["rows"]):
+            pts = [(x, t["rows"][i]["mean"], t["rows"][i]["std"] or 0.0) for x, t in enumerate(parts)
+                   if t["rows"][i]["n"]]
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=first["label"])
+        ax.set_xticks(range(len(parts)), [t["partition_label"] for t in parts], rotation=20, ha="right", fontsize=8)
+        ax.set(ylabel=parts[0]["metric"], title=f"{parts[0]['task_label']}: final {parts[0]['metric']} per "
+                                                f"partition (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{task}-by-partition.png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        written.append(out / f"{task}-by-partition.png")
     return written
 
 

@@ -291,7 +291,7 @@ def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path,
     assert "## tweets: accuracy (×100) per partition" in report and "| method | IID | non-IID |" in report
     assert "| FedIT R/2 | 61.00 ± 1.41 (2) | 56.00 ± 1.41 (2) |" in report
     assert str(tmp_path) not in report and str(tmp_path) not in first["table.json"].decode()
-    for name in ("tweets-iid-metric.png", "tweets-iid-noise.png", "tweets-skew-traffic.png"):
+    for name in ("tweets-iid-metric.png", "tweets-iid-noise.png", "tweets-skew-traffic.png", "tweets-by-partition.png"):
         assert (out / "plots" / name).is_file()
     assert "run time s" in (out / "times.md").read_text()
     # the same cells again (their wall times differ): byte-identical table and report
