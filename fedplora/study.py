@@ -7,9 +7,9 @@ Every cell of the grid is an ordinary run folder (``fedplora run`` writes the sa
 * a cell with a checkpoint but no summary is continued from it (``run_simulation(..., resume=True)``);
 * a cell whose saved settings differ from what the study file now says stops the study before anything
   runs, with one line naming the cell and the setting (results made with other settings are never mixed);
-* a cell that is not started, and whose exact settings a finished cell of another study listed in
+* a cell that is not started, and whose settings (less MAY_DIFFER) a finished cell of another study listed in
   ``[study] reuse`` already ran, is copied from there instead of being run again (same settings, same
-  numbers: runs are deterministic), so studies that share cells pay for them once;
+  numbers on the same code and kind of machine), so studies that share cells pay for them once;
 * a cell that fails is recorded in ``<out>/study-state.json`` with its error line, the others go on, and
   the next invocation tries it again.
 
@@ -365,12 +365,18 @@ def reusable_cells(study: Study) -> dict[str, Path]:
 
 
 def reuse_cell(cell: Cell, source: Path) -> None:
-    """Copy a finished run folder into the cell, with its config.toml saying where it now lies."""
+    """Copy a finished run folder (less its checkpoint: a finished cell never resumes) into the cell, with its
+    config.toml naming where it now lies. Built beside the cell and moved into place in one rename, so a stop
+    half-way leaves the cell as it was (todo), never a summary without the rest."""
     import shutil
 
-    shutil.copytree(source, cell.folder, dirs_exist_ok=True)
-    (cell.folder / "config.toml").write_text(RunConfig.from_toml(source / "config.toml").with_overrides(
-        out=str(expected_config(cell)["out"])).to_toml())
+    staging = cell.folder.with_name(cell.folder.name + ".reusing")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("checkpoint"))
+    (staging / "config.toml").write_text(RunConfig.from_toml(source / "config.toml").with_overrides(
+        out=str(cell.folder.expanduser().resolve())).to_toml())
+    shutil.rmtree(cell.folder, ignore_errors=True)  # a todo cell: no summary, no checkpoint to continue from
+    staging.replace(cell.folder)
 
 
 def check_conflicts(study: Study) -> None:
@@ -434,7 +440,8 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
               log=print) -> dict[str, Any]:
     """Run every cell that is not done (at most ``only_cells`` of them), then write the report.
 
-    Returns ``{"ran": [...], "failed": [...], "left": n}``. KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
+    Returns ``{"ran": [...], "failed": [...], "left": n, "reused": [...]}`` (``reused``: cells copied from
+    ``[study] reuse``). KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
     ``Stop``) propagates after the running cell's Flower processes are stopped; the cell keeps its checkpoint.
     """
     from .federation.progress import Progress
@@ -445,8 +452,26 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
     statuses = {c.rel: cell_status(c) for c in study.cells}
     todo = [c for c in study.cells if statuses[c.rel] != "done"]
     n = len(study.cells)
+    offered = reusable_cells(study) if study.reuse else {}
+    reused = []
+    for cell in [c for c in todo if statuses[c.rel] == "todo"]:
+        source = offered.get(_settings_key(expected_config(cell)))
+        if source is None:
+            continue
+        try:
+            reuse_cell(cell, source)
+        except OSError as e:  # the source went away, a full disk: the cell is simply run
+            log(f"cell {cell.index}/{n} could not be copied from {source} ({e}); it runs instead")
+            continue
+        state["cells"][cell.rel] = {"status": "done", "reused_from": str(source),
+                                    "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_state(study.out, state)
+        reused.append(cell)
+        log(f"cell {cell.index}/{n} reused ({cell.describe()}): the same settings already ran in {source}")
+    todo = [c for c in todo if c not in reused]
     resumable = sum(statuses[c.rel] == "resume" for c in todo)
-    log(f"study {study.name}: {n} cells, {n - len(todo)} done, {len(todo)} to run"
+    log(f"study {study.name}: {n} cells, {n - len(todo)} done"
+        + (f" ({len(reused)} copied from [study] reuse)" if reused else "") + f", {len(todo)} to run"
         + (f" ({resumable} to continue from a checkpoint)" if resumable else "") + f"; outputs in {study.out}/")
     durations: dict[str, list[float]] = {}
     for rel, rec in state["cells"].items():  # earlier sessions' cell times feed the first estimate
@@ -454,18 +479,6 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
             durations.setdefault(rel.split("/")[1], []).append(rec["seconds"])
     progress = Progress.console() if echo_rounds else None
     ran, failed = [], []
-    offered = reusable_cells(study) if study.reuse else {}
-    reused = []
-    for cell in [c for c in todo if statuses[c.rel] == "todo"]:
-        source = offered.get(_settings_key(expected_config(cell)))
-        if source is not None:
-            reuse_cell(cell, source)
-            state["cells"][cell.rel] = {"status": "done", "reused_from": str(source),
-                                        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_state(study.out, state)
-            reused.append(cell)
-            log(f"cell {cell.index}/{n} reused ({cell.describe()}): the same settings already ran in {source}")
-    todo = [c for c in todo if c not in reused]
     budget = len(todo) if only_cells is None else min(only_cells, len(todo))
     for k, cell in enumerate(todo[:budget]):
         resume = statuses[cell.rel] == "resume"
@@ -687,6 +700,8 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
         lines += [f"Paper figures: {study.paper_note.strip()}", ""]
     if len(study.partitions) > 1:  # each method across the settings it was run in, e.g. attacks or privacy levels
         for task in study.tasks:
+            if not any(r["n"] for t in table["tables"] if t["task"] == task.name for r in t["rows"]):
+                continue
             lines += [f"## {task.label}: {_metric_of(table, task.name)}{units} per partition", ""]
             head = ["method", *[p.label for p in study.partitions]]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -834,8 +849,8 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=first["label"])
         ax.set_xticks(range(len(parts)), [t["partition_label"] for t in parts], rotation=20, ha="right", fontsize=8)
-        ax.set(ylabel=parts[0]["metric"], title=f"{parts[0]['task_label']}: final {parts[0]['metric']} per "
-                                                f"partition (mean ± std over seeds)")
+        metric = next(t["metric"] for t in parts if t["metric"])
+        ax.set(ylabel=metric, title=f"{parts[0]['task_label']}: final {metric} per partition (mean ± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -238,6 +238,10 @@ def test_a_cell_another_study_already_ran_with_the_same_settings_is_copied_not_r
     assert "reuse     cells/tweets/iid/fedit-full/seed0" in out and "todo      cells/tweets/iid/fedit-r2/seed0" in out
     assert "to run: 3 cells" in out
     second = load_study(path, out=tmp_path / "second")
+    (first.cells[0].folder / "checkpoint").mkdir()  # a finished run keeps its last checkpoint; the copy does not
+    (first.cells[0].folder / "checkpoint" / "checkpoint.json").write_text("{}")
+    second.cells[0].folder.mkdir(parents=True)
+    (second.cells[0].folder / "stale.txt").write_text("from an earlier failed attempt")
     lines = []
     result = run_study(second, only_cells=0, echo_rounds=False, log=lines.append)
     assert [c.rel for c in result["reused"]] == ["cells/tweets/iid/fedit-full/seed0"] and result["ran"] == []
@@ -248,6 +252,12 @@ def test_a_cell_another_study_already_ran_with_the_same_settings_is_copied_not_r
             == json.loads((first.cells[0].folder / "summary.json").read_text()))
     assert any("reused" in line and f"first/{first.cells[0].rel}" in line for line in lines)
     assert read_state(tmp_path / "second")["cells"][cell.rel]["reused_from"] == f"first/{first.cells[0].rel}"
+    assert "1 done (1 copied from [study] reuse), 3 to run" in lines[-1]
+    assert sorted(p.name for p in cell.folder.iterdir()) == ["config.toml", "summary.json"]
+    assert not list(cell.folder.parent.glob("*.reusing"))
+    from fedplora.config import RunConfig
+
+    assert RunConfig.from_toml(cell.folder / "config.toml").out == str(cell.folder.resolve())
     assert cell_status(second.cells[1]) == "todo"  # another lr: run, never copied
     assert "reuse names this study's own out folder" in error_of(
         tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nreuse = ["out"]'))

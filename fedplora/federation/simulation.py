@@ -25,7 +25,6 @@ from typing import Any
 from .. import errors
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..tasks import check_source
 from .processes import PROJECT_ROOT, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
 from .progress import Progress
 
@@ -88,8 +87,9 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, 
         raise ConfigError(f"fedplora run needs the project's pyproject.toml (the Flower app) at {PROJECT_ROOT}; "
                           "install fedplora from its source folder (pip install -e .)")
     cfg = with_gpu_share(cfg)
-    if not resume:  # a resumed run's settings come from its checkpoint folder and are checked there
-        check_source(cfg)  # one line in a second, not after the federation's start-up
+    from ..tasks import check_source
+
+    check_source(cfg)  # where the data comes from: one line in a second, not after the federation's start-up
     out = Path(out).expanduser().resolve()
     echo = progress is not None and progress.console is not None
     with tempfile.TemporaryDirectory(prefix="fedplora-run-") as tmp:
