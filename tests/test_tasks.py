@@ -100,7 +100,10 @@ def test_sst2_errors_name_the_file_and_the_fix(tmp_path, sst2_slice):
     with pytest.raises(DataError, match="no file .*train.tsv"):
         make_task(cfg(task="sst2", data_dir=str(tmp_path))).load_splits()
     (tmp_path / "train.tsv").write_text("text,label\nfine,1\n")
-    with pytest.raises(DataError, match="header 'sentence<TAB>label'"):
+    with pytest.raises(DataError, match="no file .*validation.tsv"):  # both files are looked for before reading
+        make_task(cfg(task="sst2", data_dir=str(tmp_path))).load_splits()
+    (tmp_path / "validation.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    with pytest.raises(DataError, match="must be tab-separated with the header 'sentence<TAB>label'"):
         make_task(cfg(task="sst2", data_dir=str(tmp_path))).load_splits()
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\tnegative\n")
     with pytest.raises(DataError, match="line 3"):
