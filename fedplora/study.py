@@ -781,6 +781,12 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        written.append(out / name)
     for t in table["tables"]:
         rows = [r for r in t["rows"] if r["n"]]
         if not rows:
@@ -798,10 +804,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"{stem}-metric.png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        written.append(out / f"{stem}-metric.png")
+        save(fig, f"{stem}-metric.png")
 
         keys = sorted({k for r in rows for k in r["noise"]})
         if keys:
@@ -819,10 +822,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=8)
             fig.suptitle(title)
-            fig.tight_layout()
-            fig.savefig(out / f"{stem}-noise.png", dpi=110, metadata={"Software": None})
-            plt.close(fig)
-            written.append(out / f"{stem}-noise.png")
+            save(fig, f"{stem}-noise.png")
 
         fig, ax = plt.subplots(figsize=(6.5, 4))
         xs = range(len(rows))
@@ -832,10 +832,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
         ax.set(ylabel="MB per run (all rounds)", yscale="log", title=f"{title}: traffic")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"{stem}-traffic.png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        written.append(out / f"{stem}-traffic.png")
+        save(fig, f"{stem}-traffic.png")
     tasks = list(dict.fromkeys(t["task"] for t in table["tables"]))
     for task in tasks:  # each method's final metric across the partitions (attacks, privacy levels, ...)
         parts = [t for t in table["tables"] if t["task"] == task]
@@ -853,10 +850,7 @@ def plot_table(table: dict[str, Any], out: Path) -> list[Path]:
         ax.set(ylabel=metric, title=f"{parts[0]['task_label']}: final {metric} per partition (mean ± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{task}-by-partition.png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        written.append(out / f"{task}-by-partition.png")
+        save(fig, f"{task}-by-partition.png")
     return written
 
 
