@@ -575,8 +575,8 @@ def dp_pair_aggregate(dp: CentralDP, state: State, deltas: list[State], trained:
     """Central DP per pair index (docs/robustness.md, "Differential privacy").
 
     Client i's delta is its uploaded pairs and heads minus their global values (``FederatedMethod.update_delta``;
-    ``trained[i][layer]``: the pair index of each uploaded row of A and column of B). The whole delta, all its tensors together, is clipped to
-    ``dp.clip`` (``privacy.clip_delta``); the clipped deltas are summed without weights per pair index (over the
+    ``trained[i][layer]``: the pair index of each uploaded row of A and column of B). The whole delta, all its
+    tensors together, is clipped to ``dp.clip`` (``privacy.clip_delta``); the clipped deltas are summed without weights per pair index (over the
     clients that trained it) and per head (over every client); ``privacy.noisy_pair_mean`` adds N(0, (sigma C)^2)
     to every coordinate of every sum, including pairs nobody trained this round, and divides pair j by
     ``pair_counts[j]`` and the heads by ``dp.clients_per_round``: fixed numbers, never the round's realised counts.
