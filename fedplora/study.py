@@ -47,9 +47,9 @@ STUDY_SETS = ("seed", "out")  # set by the study for each cell, never by an entr
 # settings that may differ between a cell's saved config.toml and the study file: where the cell lies,
 # machine-resolved resources and patience; none of them changes a run's numbers
 MAY_DIFFER = ("out", "cache_dir", "client_gpus", "round_timeout", "connect_timeout")
-# the --dry-run estimate: a simulated round's wall time per local step, evaluation every 3rd round included, for
-# MiniLM at batch 16 on SST-2 sentences on 2 idle CPU cores (benchmarks/bench_round.py, docs/speed.md: 18.2 s for
-# 10 clients x 6 steps); longer inputs (MRPC pairs at 128 tokens) cost more
+# the --dry-run estimate for a task none of whose cells has finished: a simulated round's wall time per local
+# step, evaluation every 3rd round included, for MiniLM at batch 16 on SST-2 sentences on 2 idle CPU cores
+# (benchmarks/bench_round.py, docs/speed.md: 18.2 s for 10 clients x 6 steps); longer inputs cost more
 STEP_SECONDS = 0.30
 START_SECONDS = 30  # a cell's Flower start-up (SuperLink, Ray, the model) on 2 busy CPU cores
 STATE_FILE = "study-state.json"
@@ -519,26 +519,61 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
     return {"ran": ran, "failed": failed, "left": left, "reused": reused}
 
 
+def cell_steps(cell: Cell) -> int:
+    return cell.cfg.rounds * cell.cfg.clients_per_round * cell.cfg.local_steps
+
+
+def measured_step_seconds(cells: list[Cell]) -> dict[str, tuple[float, int]]:
+    """Per task: (median run seconds per local step, how many cells) over finished cells' summary.json
+    ``wall_s``. The run's own clock, so it holds for cells copied onto another machine of the same kind; the
+    constant STEP_SECONDS was 1.5x too low for tweets at 128 tokens."""
+    per: dict[str, list[float]] = {}
+    for c in cells:
+        try:
+            wall = json.loads((c.folder / "summary.json").read_text()).get("wall_s")
+        except (OSError, ValueError):
+            continue
+        if isinstance(wall, (int, float)) and wall > 0:
+            per.setdefault(c.task.name, []).append(wall / cell_steps(c))
+    return {task: (statistics.median(v), len(v)) for task, v in per.items()}
+
+
 def dry_run(study: Study, log=print) -> None:
-    """The cells, their state and their cost in local training steps (and a time at STEP_SECONDS a step)."""
+    """The cells, their state and their cost in local training steps, and a time: per task, at the seconds a
+    step its finished cells took (else STEP_SECONDS), plus START_SECONDS a cell."""
     check_conflicts(study)
-    total_steps = 0
     offered = reusable_cells(study) if study.reuse else {}
     log(f"study {study.name}: {len(study.tasks)} tasks x {len(study.partitions)} partitions x {len(study.methods)} "
         f"methods x {len(study.seeds)} seeds = {len(study.cells)} cells; outputs in {study.out}/")
-    left = 0
+    todo, done = [], []
     for c in study.cells:
-        steps = c.cfg.rounds * c.cfg.clients_per_round * c.cfg.local_steps
+        steps = cell_steps(c)
         status = cell_status(c)
         if status == "todo" and _settings_key(expected_config(c)) in offered:
             status = "reuse"
-        total_steps += steps if status not in ("done", "reuse") else 0
-        left += status not in ("done", "reuse")
+        if status == "done":
+            done.append(c)
+        elif status != "reuse":
+            todo.append(c)
         log(f"  {c.index:4d}  {status:8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
             f"{c.cfg.clients_per_round} clients x {c.cfg.local_steps} steps = {steps} local steps)")
-    log(f"to run: {left} cells, {total_steps} local steps: about {fmt_duration(total_steps * STEP_SECONDS)} of "
-        f"training at {STEP_SECONDS} s a step (a simulated MiniLM step at batch 16 on 2 CPU cores, with evaluation "
-        f"every 3rd round) plus about {fmt_duration(left * START_SECONDS)} of start-up ({START_SECONDS} s a cell)")
+    measured = measured_step_seconds(done)
+    steps_by_task: dict[str, int] = {}
+    for c in todo:
+        steps_by_task[c.task.name] = steps_by_task.get(c.task.name, 0) + cell_steps(c)
+    seconds, rates, unmeasured = len(todo) * START_SECONDS, [], []
+    for task, steps in steps_by_task.items():
+        rate, n = measured.get(task, (STEP_SECONDS, 0))
+        seconds += steps * rate
+        if n:
+            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''} here)")
+        else:
+            unmeasured.append(task)
+    if unmeasured:
+        rates.append(f"{', '.join(unmeasured)} at {STEP_SECONDS:.2f} s a step (no finished cell yet: a simulated "
+                     "MiniLM step at batch 16 on 2 CPU cores)")
+    log(f"to run: {len(todo)} cells, {sum(steps_by_task.values())} local steps: about {fmt_duration(seconds)}"
+        + (f"; {'; '.join(rates)}; plus {START_SECONDS} s of start-up a cell" if todo else ""))
 
 
 # ------------------------------------------------------------------ the report, from the cell folders alone

@@ -274,6 +274,24 @@ def test_dry_run_lists_the_cells_and_their_state(tmp_path, capsys):
     assert "todo      cells/tweets/skew/fedit-r2/seed1" in out and "to run: 7 cells, 56 local steps" in out
 
 
+def test_dry_run_estimates_from_the_finished_cells_run_time_else_the_constant(tmp_path, capsys):
+    from fedplora.study import START_SECONDS, STEP_SECONDS
+
+    path = write(tmp_path, TINY)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    expected = round(8 * (8 * STEP_SECONDS + START_SECONDS))  # 8 cells of 2 rounds x 2 clients x 2 steps
+    assert f"about {expected // 60}m{expected % 60:02d}s; tweets at {STEP_SECONDS:.2f} s a step (no finished cell" \
+        in capsys.readouterr().out
+    study = load_study(path, out=tmp_path / "out")
+    finish(study.cells[0], 0.7)
+    summary = json.loads((study.cells[0].folder / "summary.json").read_text())
+    (study.cells[0].folder / "summary.json").write_text(json.dumps({**summary, "wall_s": 16.0}))  # 2 s a step
+    assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    expected = 7 * (8 * 2 + START_SECONDS)
+    assert f"about {expected // 60}m{expected % 60:02d}s; tweets at 2.00 s a step (its 1 finished cell here)" \
+        in capsys.readouterr().out
+
+
 def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path, capsys):
     path = write(tmp_path, TINY)
     study = load_study(path, out=tmp_path / "out")
