@@ -87,9 +87,10 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, 
         raise ConfigError(f"fedplora run needs the project's pyproject.toml (the Flower app) at {PROJECT_ROOT}; "
                           "install fedplora from its source folder (pip install -e .)")
     cfg = with_gpu_share(cfg)
-    from ..tasks import check_source
+    from ..tasks import check_partitions, check_source
 
     check_source(cfg)  # where the data comes from: one line in a second, not after the federation's start-up
+    check_partitions(cfg)  # a split that leaves a client without data, likewise
     out = Path(out).expanduser().resolve()
     echo = progress is not None and progress.console is not None
     with tempfile.TemporaryDirectory(prefix="fedplora-run-") as tmp:
