@@ -349,3 +349,23 @@ def test_tasks_do_not_import_each_other_in_a_cycle():
     imported = {node.module for node in ast.walk(ast.parse(source.read_text()))
                 if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert "base" not in imported  # tasks.base imports tasks.models, never the other way round
+
+
+def test_the_staged_flower_app_builds_the_same_fab_as_the_project_folder(tmp_path):
+    """`fedplora run` hands `flwr run` a copy of the app (processes.app_folder) so that Flower does not walk
+    the virtual environment and the runs; the FAB must be the one `flwr run .` builds from the project."""
+    import io
+    import tomllib
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedplora.federation.processes import APP_FILES, PROJECT_ROOT, app_folder
+
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["fab-include"] == [f"fedplora/**/{p}" for p in APP_FILES]
+    staged = build_fab_from_disk(app_folder(tmp_path))
+    assert staged == build_fab_from_disk(PROJECT_ROOT)
+    names = zipfile.ZipFile(io.BytesIO(staged)).namelist()
+    assert {"pyproject.toml", "fedplora/federation/server_app.py", "fedplora/memory_model.json"} <= set(names)
+    assert not [n for n in names if n.split("/")[0] not in ("fedplora", "pyproject.toml", ".info")]

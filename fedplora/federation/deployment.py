@@ -26,7 +26,7 @@ from pathlib import Path
 from ..config import RunConfig
 from .client_app import DEVICE_LOCAL_SETTINGS
 from .credentials import make_node_key, make_tls
-from .processes import PROJECT_ROOT, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
+from .processes import PROJECT_ROOT, app_folder, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
 
 CONNECTION = "loopback"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 
@@ -117,7 +117,7 @@ class LoopbackDeployment:
         return node
 
     def flwr_run(self, config_file: Path, out: Path) -> subprocess.Popen:
-        return self.start("flwr-run", [flwr_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+        return self.start("flwr-run", [flwr_bin("flwr"), "run", str(app_folder(self.workdir)), CONNECTION, "--stream",
                                        "--run-config", f"config-file='{config_file}' out='{out}' "
                                        f"error-file='{self.workdir / 'error.txt'}'"])
 

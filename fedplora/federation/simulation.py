@@ -25,7 +25,7 @@ from typing import Any
 from .. import errors
 from ..config import RunConfig
 from ..errors import ConfigError
-from .processes import PROJECT_ROOT, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
+from .processes import PROJECT_ROOT, app_folder, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
 from .progress import Progress
 
 CONNECTION = "fedplora-local"  # the SuperLink connection's name in the run's own $FLWR_HOME/config.toml
@@ -131,7 +131,7 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, 
                 stdout=(work / "superexec.log").open("w"), stderr=subprocess.STDOUT, env=env, cwd=work,
                 preexec_fn=die_with_parent))
             run = subprocess.Popen(
-                [flwr_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+                [flwr_bin("flwr"), "run", str(app_folder(work)), CONNECTION, "--stream",
                  "--federation-config", federation_config(cfg), "--run-config", str(work / "run-config.toml")],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
                 preexec_fn=die_with_parent)
