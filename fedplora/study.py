@@ -523,14 +523,15 @@ def cell_steps(cell: Cell) -> int:
     return cell.cfg.rounds * cell.cfg.clients_per_round * cell.cfg.local_steps
 
 
-def measured_step_seconds(cells: list[Cell]) -> dict[str, tuple[float, int]]:
+def measured_step_seconds(finished: list[tuple[Cell, Path]]) -> dict[str, tuple[float, int]]:
     """Per task: (median run seconds per local step, how many cells) over finished cells' summary.json
-    ``wall_s``. The run's own clock, so it holds for cells copied onto another machine of the same kind; the
-    constant STEP_SECONDS was 1.5x too low for tweets at 128 tokens."""
+    ``wall_s`` (a cell and the folder that holds its run: its own, or the one ``[study] reuse`` copies). The
+    run's own clock, so it holds for cells copied onto another machine of the same kind; the constant
+    STEP_SECONDS was 1.5x too low for tweets at 128 tokens."""
     per: dict[str, list[float]] = {}
-    for c in cells:
+    for c, folder in finished:
         try:
-            wall = json.loads((c.folder / "summary.json").read_text()).get("wall_s")
+            wall = json.loads((folder / "summary.json").read_text()).get("wall_s")
         except (OSError, ValueError):
             continue
         if isinstance(wall, (int, float)) and wall > 0:
@@ -545,19 +546,21 @@ def dry_run(study: Study, log=print) -> None:
     offered = reusable_cells(study) if study.reuse else {}
     log(f"study {study.name}: {len(study.tasks)} tasks x {len(study.partitions)} partitions x {len(study.methods)} "
         f"methods x {len(study.seeds)} seeds = {len(study.cells)} cells; outputs in {study.out}/")
-    todo, done = [], []
+    todo, finished = [], []
     for c in study.cells:
         steps = cell_steps(c)
         status = cell_status(c)
-        if status == "todo" and _settings_key(expected_config(c)) in offered:
+        source = offered.get(_settings_key(expected_config(c))) if status == "todo" else None
+        if source is not None:
             status = "reuse"
-        if status == "done":
-            done.append(c)
-        elif status != "reuse":
+            finished.append((c, source))
+        elif status == "done":
+            finished.append((c, c.folder))
+        else:
             todo.append(c)
         log(f"  {c.index:4d}  {status:8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
             f"{c.cfg.clients_per_round} clients x {c.cfg.local_steps} steps = {steps} local steps)")
-    measured = measured_step_seconds(done)
+    measured = measured_step_seconds(finished)
     steps_by_task: dict[str, int] = {}
     for c in todo:
         steps_by_task[c.task.name] = steps_by_task.get(c.task.name, 0) + cell_steps(c)
@@ -566,7 +569,7 @@ def dry_run(study: Study, log=print) -> None:
         rate, n = measured.get(task, (STEP_SECONDS, 0))
         seconds += steps * rate
         if n:
-            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''} here)")
+            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''}, copies included)")
         else:
             unmeasured.append(task)
     if unmeasured:

@@ -288,7 +288,7 @@ def test_dry_run_estimates_from_the_finished_cells_run_time_else_the_constant(tm
     (study.cells[0].folder / "summary.json").write_text(json.dumps({**summary, "wall_s": 16.0}))  # 2 s a step
     assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     expected = 7 * (8 * 2 + START_SECONDS)
-    assert f"about {expected // 60}m{expected % 60:02d}s; tweets at 2.00 s a step (its 1 finished cell here)" \
+    assert f"about {expected // 60}m{expected % 60:02d}s; tweets at 2.00 s a step (its 1 finished cell, copies included)" \
         in capsys.readouterr().out
 
 
