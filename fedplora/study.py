@@ -523,20 +523,21 @@ def cell_steps(cell: Cell) -> int:
     return cell.cfg.rounds * cell.cfg.clients_per_round * cell.cfg.local_steps
 
 
-def measured_step_seconds(finished: list[tuple[Cell, Path]]) -> dict[str, tuple[float, int]]:
-    """Per task: (median run seconds per local step, how many cells) over finished cells' summary.json
+def measured_step_seconds(finished: list[tuple[Cell, Path]]) -> dict[str, tuple[float, int, int]]:
+    """Per task: (median run seconds per local step, cells, of which copies) over finished cells' summary.json
     ``wall_s`` (a cell and the folder that holds its run: its own, or the one ``[study] reuse`` copies). The
-    run's own clock, so it holds for cells copied onto another machine of the same kind; the constant
-    STEP_SECONDS was 1.5x too low for tweets at 128 tokens."""
-    per: dict[str, list[float]] = {}
+    run's own clock (its ServerApp's start-up included, Flower's before it not), so it holds for cells copied
+    onto another machine of the same kind; the constant STEP_SECONDS was 1.5x too low for tweets at 128 tokens."""
+    per: dict[str, list[tuple[float, bool]]] = {}
     for c, folder in finished:
         try:
-            wall = json.loads((folder / "summary.json").read_text()).get("wall_s")
+            summary = json.loads((folder / "summary.json").read_text())
         except (OSError, ValueError):
             continue
+        wall = summary.get("wall_s") if isinstance(summary, dict) else None
         if isinstance(wall, (int, float)) and wall > 0:
-            per.setdefault(c.task.name, []).append(wall / cell_steps(c))
-    return {task: (statistics.median(v), len(v)) for task, v in per.items()}
+            per.setdefault(c.task.name, []).append((wall / cell_steps(c), folder != c.folder))
+    return {task: (statistics.median(r for r, _ in v), len(v), sum(copy for _, copy in v)) for task, v in per.items()}
 
 
 def dry_run(study: Study, log=print) -> None:
@@ -566,10 +567,11 @@ def dry_run(study: Study, log=print) -> None:
         steps_by_task[c.task.name] = steps_by_task.get(c.task.name, 0) + cell_steps(c)
     seconds, rates, unmeasured = len(todo) * START_SECONDS, [], []
     for task, steps in steps_by_task.items():
-        rate, n = measured.get(task, (STEP_SECONDS, 0))
+        rate, n, copies = measured.get(task, (STEP_SECONDS, 0, 0))
         seconds += steps * rate
         if n:
-            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''}, copies included)")
+            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''}"
+                         + (f", {copies} of them to be copied" if copies else "") + ")")
         else:
             unmeasured.append(task)
     if unmeasured:

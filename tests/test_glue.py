@@ -280,10 +280,16 @@ def test_partitioner_setting_accepts_per_client_dirichlet():
         cfg(partitioner="inner_dirichlet")
 
 
-def test_cli_run_with_an_impossible_dirichlet_exits_2_with_one_line(tmp_path, capsys):
+def test_cli_run_with_an_impossible_dirichlet_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     """`fedplora run` on 2 labels, 100 clients, per-class Dir(0.01): refused before Flower starts (the split is
     drawn first, tasks.check_partitions), in about a second instead of after the federation's start-up."""
     from fedplora.cli import main
+    from fedplora.federation import simulation
+
+    def no_flower():
+        raise AssertionError("Flower was started: the split was not checked first")
+
+    monkeypatch.setattr(simulation, "free_port", no_flower)
 
     rows = [(f"sentence number {i} .", int(i % 9 < 4)) for i in range(300)]
     folder = glue_folder(tmp_path / "data", ["sentence", "label"], rows)
@@ -314,3 +320,18 @@ def test_validation_split_is_carved_from_train_stratified_seeded_and_never_the_t
     assert other["text"] != val["text"]
     with pytest.raises(DataError, match="validation_fraction"):
         make_task(cfg(task="sst2", data_dir=folder, eval_split="validation", validation_fraction=0.01)).splits()
+
+
+def test_the_early_split_check_draws_local_data_only(tmp_path, monkeypatch):
+    """A hub dataset is left to the federation (offline there); iid is never drawn early; local per-class
+    Dirichlet is."""
+    import fedplora.tasks as tasks
+
+    drawn = []
+    monkeypatch.setattr(tasks, "make_task", lambda c: drawn.append(c.dataset or c.data_dir) or 1 / 0)
+    tasks.check_partitions(cfg(task="sst2", dataset="glue/sst2", partitioner="dirichlet", num_clients=4))
+    tasks.check_partitions(cfg(task="sst2", data_dir=str(tmp_path), partitioner="iid", num_clients=4))
+    assert drawn == []
+    with pytest.raises(ZeroDivisionError):
+        tasks.check_partitions(cfg(task="sst2", data_dir=str(tmp_path), partitioner="dirichlet", num_clients=4))
+    assert drawn == [str(tmp_path)]

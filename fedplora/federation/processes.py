@@ -7,6 +7,7 @@ Everything started here is stopped by PID together with its descendants (``flwr-
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import os
 import shutil
 import signal
@@ -22,23 +23,30 @@ APP_FILES = ("*.py", "*.json")
 
 
 def app_folder(work: Path) -> Path:
-    """The Flower app for ``flwr run``: pyproject.toml and the fedplora package, copied into ``work/app``.
+    """The Flower app for ``flwr run``: pyproject.toml, .gitignore and the fedplora package, copied afresh
+    into ``work/app``.
 
     ``flwr run DIR`` walks every file under DIR before it applies the FAB's include patterns; from the project
     folder that is the virtual environment and every run's outputs (55,000 files, 4 s of a busy 2-core
     machine's CPU for each run), and without the patterns it packed docs/ too (4.4 MB). The copy holds what
-    the FAB holds, so the app that runs is the same.
+    Flower would take from the project (symbolic links skipped and .gitignore applied, as Flower does), so
+    the FAB is the same.
     """
     app = work / "app"
+    shutil.rmtree(app, ignore_errors=True)  # a module deleted since an earlier run must not linger
     package = PROJECT_ROOT / "fedplora"
-    for pattern in APP_FILES:
-        for src in package.rglob(pattern):
-            if "__pycache__" in src.parts:
+    for folder, dirs, files in os.walk(package):  # like Flower's walk: symbolic links to folders not entered
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            src = Path(folder) / name
+            if src.is_symlink() or not any(fnmatch.fnmatch(name, pattern) for pattern in APP_FILES):
                 continue
             dst = app / src.relative_to(PROJECT_ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-    shutil.copyfile(PROJECT_ROOT / "pyproject.toml", app / "pyproject.toml")
+    for name in ("pyproject.toml", ".gitignore"):
+        if (PROJECT_ROOT / name).is_file():
+            shutil.copyfile(PROJECT_ROOT / name, app / name)
     return app
 
 
