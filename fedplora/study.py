@@ -51,7 +51,7 @@ MAY_DIFFER = ("out", "cache_dir", "client_gpus", "round_timeout", "connect_timeo
 # step, evaluation every 3rd round included, for MiniLM at batch 16 on SST-2 sentences on 2 idle CPU cores
 # (benchmarks/bench_round.py, docs/speed.md: 18.2 s for 10 clients x 6 steps); longer inputs cost more
 STEP_SECONDS = 0.30
-START_SECONDS = 30  # a cell's Flower start-up (SuperLink, Ray, the model) on 2 busy CPU cores
+START_SECONDS = 20  # a cell's Flower start-up before its ServerApp's clock (SuperLink, Ray) on 2 busy CPU cores
 STATE_FILE = "study-state.json"
 
 
@@ -414,18 +414,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def estimate_left(todo: list[Cell], durations: dict[str, list[float]]) -> str:
-    """Time left: each remaining cell at the mean time of its task's cells so far (else of all cells)."""
-    every = [d for ds in durations.values() for d in ds]
-    if not todo:
-        return "none"
-    if not every:
-        return "no estimate before the first cell ends"
-    overall = statistics.fmean(every)
-    total = sum(statistics.fmean(durations[c.task.name]) if durations.get(c.task.name) else overall for c in todo)
-    return f"about {fmt_duration(total)}"
-
-
 class Stop(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: no ``except Exception`` swallows it,
     and the running cell's ``finally`` stops its processes."""
@@ -473,10 +461,7 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
     log(f"study {study.name}: {n} cells, {n - len(todo)} done"
         + (f" ({len(reused)} copied from [study] reuse)" if reused else "") + f", {len(todo)} to run"
         + (f" ({resumable} to continue from a checkpoint)" if resumable else "") + f"; outputs in {study.out}/")
-    durations: dict[str, list[float]] = {}
-    for rel, rec in state["cells"].items():  # earlier sessions' cell times feed the first estimate
-        if rec.get("status") == "done" and rec.get("seconds"):
-            durations.setdefault(rel.split("/")[1], []).append(rec["seconds"])
+    finished = [(c, c.folder) for c in study.cells if c not in todo]  # the estimates' measured rates
     progress = Progress.console() if echo_rounds else None
     ran, failed = [], []
     budget = len(todo) if only_cells is None else min(only_cells, len(todo))
@@ -499,10 +484,10 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
             failed.append(cell)
             left = todo[k + 1:]
             log(f"cell {cell.index}/{n} FAILED ({cell.describe()}) after {fmt_duration(seconds)}: {line}; "
-                f"{len(left)} left" + (f", {estimate_left(left, durations)}" if left else ""))
+                f"{len(left)} left" + (f", about {fmt_duration(estimate(left, finished)[0])}" if left else ""))
             continue
         seconds = time.monotonic() - t0
-        durations.setdefault(cell.task.name, []).append(seconds)
+        finished.append((cell, cell.folder))
         state["cells"][cell.rel] = {"status": "done", "seconds": round(seconds, 1),
                                     "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_state(study.out, state)
@@ -512,7 +497,7 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
         left = todo[k + 1:]
         log(f"cell {cell.index}/{n} done ({cell.describe()}): {metric} "
             f"{value:.4f} in {fmt_duration(seconds)}; {len(left)} left"
-            + (f", {estimate_left(left, durations)}" if left else "")
+            + (f", about {fmt_duration(estimate(left, finished)[0])}" if left else "")
             if isinstance(value, (int, float)) else
             f"cell {cell.index}/{n} done ({cell.describe()}) in {fmt_duration(seconds)}; {len(left)} left")
     left = len(todo) - len(ran)
@@ -540,6 +525,26 @@ def measured_step_seconds(finished: list[tuple[Cell, Path]]) -> dict[str, tuple[
     return {task: (statistics.median(r for r, _ in v), len(v), sum(copy for _, copy in v)) for task, v in per.items()}
 
 
+def estimate(todo: list[Cell], finished: list[tuple[Cell, Path]]) -> tuple[float, list[str]]:
+    """Seconds the cells in ``todo`` will take, and how the rates were found: each cell START_SECONDS plus its
+    local steps at its task's measured seconds a step (measured_step_seconds over ``finished``), else at
+    STEP_SECONDS. The one estimate behind both ``--dry-run`` and the progress lines of a running study."""
+    measured = measured_step_seconds(finished)
+    seconds = sum(START_SECONDS + cell_steps(c) * measured.get(c.task.name, (STEP_SECONDS, 0, 0))[0] for c in todo)
+    rates, unmeasured = [], []
+    for task in dict.fromkeys(c.task.name for c in todo):
+        rate, n, copies = measured.get(task, (STEP_SECONDS, 0, 0))
+        if n:
+            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''}"
+                         + (f", {copies} of them to be copied" if copies else "") + ")")
+        else:
+            unmeasured.append(task)
+    if unmeasured:
+        rates.append(f"{', '.join(unmeasured)} at {STEP_SECONDS:.2f} s a step (no finished cell yet: a simulated "
+                     "MiniLM step at batch 16 on 2 CPU cores)")
+    return seconds, rates
+
+
 def dry_run(study: Study, log=print) -> None:
     """The cells, their state and their cost in local training steps, and a time: per task, at the seconds a
     step its finished cells took (else STEP_SECONDS), plus START_SECONDS a cell."""
@@ -561,23 +566,9 @@ def dry_run(study: Study, log=print) -> None:
             todo.append(c)
         log(f"  {c.index:4d}  {status:8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
             f"{c.cfg.clients_per_round} clients x {c.cfg.local_steps} steps = {steps} local steps)")
-    measured = measured_step_seconds(finished)
-    steps_by_task: dict[str, int] = {}
-    for c in todo:
-        steps_by_task[c.task.name] = steps_by_task.get(c.task.name, 0) + cell_steps(c)
-    seconds, rates, unmeasured = len(todo) * START_SECONDS, [], []
-    for task, steps in steps_by_task.items():
-        rate, n, copies = measured.get(task, (STEP_SECONDS, 0, 0))
-        seconds += steps * rate
-        if n:
-            rates.append(f"{task} at {rate:.2f} s a step (its {n} finished cell{'s' if n != 1 else ''}"
-                         + (f", {copies} of them to be copied" if copies else "") + ")")
-        else:
-            unmeasured.append(task)
-    if unmeasured:
-        rates.append(f"{', '.join(unmeasured)} at {STEP_SECONDS:.2f} s a step (no finished cell yet: a simulated "
-                     "MiniLM step at batch 16 on 2 CPU cores)")
-    log(f"to run: {len(todo)} cells, {sum(steps_by_task.values())} local steps: about {fmt_duration(seconds)}"
+    seconds, rates = estimate(todo, finished)
+    steps = sum(cell_steps(c) for c in todo)
+    log(f"to run: {len(todo)} cells, {steps} local steps: about {fmt_duration(seconds)}"
         + (f"; {'; '.join(rates)}; plus {START_SECONDS} s of start-up a cell" if todo else ""))
 
 

@@ -383,20 +383,26 @@ def test_a_failed_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, c
 
 def test_only_cells_and_the_progress_lines(tmp_path, monkeypatch, capsys):
     from fedplora.federation import simulation
+    from fedplora.study import START_SECONDS
 
     path = write(tmp_path, TINY)
 
     def fake_run(cfg, out, progress=None, *, resume=False):
         cell = next(c for c in load_study(path, out=tmp_path / "out").cells if c.folder == Path(out))
         finish(cell, 0.7)
-        return json.loads((Path(out) / "summary.json").read_text())
+        summary = {**json.loads((Path(out) / "summary.json").read_text()), "wall_s": 16.0}  # 2 s a step
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        return summary
 
     monkeypatch.setattr(simulation, "run_simulation", fake_run)
     assert main([str(path), "--out", str(tmp_path / "out"), "--quiet", "--only-cells", "3"]) == 0
     out = capsys.readouterr().out
     assert "study tiny: 8 cells, 0 done, 8 to run" in out
     assert "cell 1/8 starts (tweets, IID, FedIT R, seed 0)" in out
-    assert "cell 3/8 done (tweets, non-IID, FedIT R, seed 0): accuracy 0.7000 in 0s; 5 left, about 0s" in out
+    # the estimate the dry run gives: the 5 cells left at 2 s a step (the finished cells' rate) plus start-up
+    expected = 5 * (8 * 2 + START_SECONDS)
+    assert ("cell 3/8 done (tweets, non-IID, FedIT R, seed 0): accuracy 0.7000 in 0s; 5 left, "
+            f"about {expected // 60}m{expected % 60:02d}s") in out
     assert "3 of 8 cells done" in out
     assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     out = capsys.readouterr().out
