@@ -607,6 +607,9 @@ def _row(method: Entry, metric: str, summaries: list[dict[str, Any]], scale: flo
     return {
         "method": method.name, "label": method.label, "seeds": [s["seed"] for s in summaries],
         "n": len(summaries), "mean": mean, "std": std, "values": values,
+        # round 0, before any training: what "learned nothing" looks like (e.g. the majority class)
+        "start": (statistics.fmean(s["initial"][metric] * scale for s in summaries)
+                  if all(metric in s.get("initial", {}) for s in summaries) else None),
         "other_metrics": {m: dict(zip(("mean", "std"), _mean_std([s["final"][m] for s in summaries
                                                                    if m in s["final"]])))
                           for m in others if all(m in s["final"] for s in summaries)},
@@ -654,6 +657,32 @@ def _round(value: Any) -> Any:
     return value
 
 
+def reading(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who wins one task x partition, by how much, and whether that is more than the seeds' own spread.
+
+    A gap counts as beyond the seed deviation only when it exceeds the larger of the two methods' sample std
+    over seeds (both need 2+ seeds): a deliberately plain rule a reader can check by eye in the table, and
+    a conservative one with 3 seeds. The paper's order is given the same way (its gaps, no deviation), so
+    our ranking and its ranking sit side by side.
+    """
+    ours = sorted((r for r in rows if r["n"]), key=lambda r: -r["mean"])
+    out: dict[str, Any] = {"ours": [], "paper": [], "all_equal": None}
+    if ours:
+        best = ours[0]
+        for r in ours:
+            devs = [x["std"] for x in (best, r) if x["std"] is not None]
+            dev = max(devs) if len(devs) == 2 else None
+            gap = best["mean"] - r["mean"]
+            out["ours"].append({"method": r["method"], "label": r["label"], "mean": r["mean"], "gap": gap,
+                                "deviation": dev, "beyond": None if dev is None or r is best else gap > dev})
+        if len(ours) > 1 and ours[0]["mean"] == ours[-1]["mean"]:
+            out["all_equal"] = ours[0]["mean"]
+    paper = sorted((r for r in rows if r.get("paper") is not None), key=lambda r: -r["paper"])
+    out["paper"] = [{"method": r["method"], "label": r["label"], "value": r["paper"],
+                     "gap": paper[0]["paper"] - r["paper"]} for r in paper]
+    return out
+
+
 def build_table(study: Study) -> dict[str, Any]:
     """table.json: per task x partition, one row per method (mean ± std over the finished seeds). Deterministic:
     only the cells' results and the study file go in (no times, no absolute paths), numbers rounded to
@@ -680,7 +709,8 @@ def build_table(study: Study) -> dict[str, Any]:
                 row["paper"] = study.paper.get(task.name, {}).get(part.name, {}).get(method.name)
                 rows.append(row)
             tables.append({"task": task.name, "task_label": task.label, "partition": part.name,
-                           "partition_label": part.label, "metric": metric, "rows": rows})
+                           "partition_label": part.label, "metric": metric, "rows": rows,
+                           "reading": reading(rows)})
     done = sum(s is not None for s in summaries.values())
     return _round({"study": study.name, "units": "percent" if study.percent else "as measured",
             "seeds": study.seeds, "cells": {"total": len(study.cells), "done": done,
@@ -729,6 +759,7 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
     lines.append("")
     if study.paper_note:
         lines += [f"Paper figures: {study.paper_note.strip()}", ""]
+    lines += _reading_markdown(study, table, digits)
     if len(study.partitions) > 1:  # each method across the settings it was run in, e.g. attacks or privacy levels
         for task in study.tasks:
             if not any(r["n"] for t in table["tables"] if t["task"] == task.name for r in t["rows"]):
@@ -770,6 +801,38 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
     if cells["missing"]:
         lines += ["## Cells not done", "", *[f"- `{rel}`" for rel in cells["missing"]], ""]
     return "\n".join(lines)
+
+
+def _reading_markdown(study: Study, table: dict[str, Any], digits: int) -> list[str]:
+    tables = [t for t in table["tables"] if len(t["reading"]["ours"]) > 1]
+    if not tables:
+        return []
+    lines = ["## Reading", "",
+             "Per task and partition, best first: the best method's figure, then each other method's gap to it. "
+             "A gap marked * exceeds the larger of the two methods' std over seeds (both with 2+ seeds); an "
+             "unmarked gap is within the seeds' spread or has too few seeds to tell. Start: round 0, before "
+             "training."
+             + (" The paper's order follows, the same way." if study.paper else ""), ""]
+    head = ["task", "partition", "start", "ours, best first"] + (["paper, best first"] if study.paper else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def order(entries, value, mark=lambda e: ""):
+        if not entries:
+            return "—"
+        first = entries[0]
+        return " · ".join([f"{first['label']} {_num(first[value], digits)}"]
+                          + [f"{e['label']} −{_num(e['gap'], digits)}{mark(e)}" for e in entries[1:]])
+    for t in tables:
+        rd = t["reading"]
+        starts = [r["start"] for r in t["rows"] if r["n"] and r.get("start") is not None]
+        start = _num(statistics.fmean(starts), digits) if starts else "—"
+        ours = (f"every method {_num(rd['all_equal'], digits)}: no ranking" if rd["all_equal"] is not None
+                else order(rd["ours"], "mean", lambda e: "*" if e["beyond"] else ""))
+        row = [t["task_label"], t["partition_label"], start, ours]
+        if study.paper:
+            row.append(order(rd["paper"], "value"))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _metric_of(table: dict[str, Any], task: str) -> str:

@@ -318,6 +318,10 @@ def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path,
     # each method across the partitions, side by side
     assert "## tweets: accuracy (×100) per partition" in report and "| method | IID | non-IID |" in report
     assert "| FedIT R/2 | 61.00 ± 1.41 (2) | 56.00 ± 1.41 (2) |" in report
+    # the reading: gap 11 > the larger std (2.83) is marked; round 0 was 0.3 in every cell
+    assert r["start"] == pytest.approx(30.0)
+    assert "| tweets | IID | 30.00 | FedIT R 72.00 · FedIT R/2 −11.00* | FedIT R 70.00 |" in report
+    assert "| tweets | non-IID | 30.00 | FedIT R 63.00 · FedIT R/2 −7.00* |" in report
     assert str(tmp_path) not in report and str(tmp_path) not in first["table.json"].decode()
     for name in ("tweets-iid-metric.png", "tweets-iid-noise.png", "tweets-skew-traffic.png", "tweets-by-partition.png"):
         assert (out / "plots" / name).is_file()
@@ -333,6 +337,32 @@ def test_the_report_is_made_from_the_cell_folders_and_is_deterministic(tmp_path,
     shutil.copytree(out / "cells", tmp_path / "copy" / "cells")
     write_report(load_study(path, out=tmp_path / "copy"), plots=False)
     assert {name: (tmp_path / "copy" / name).read_bytes() for name in first} == first
+
+
+def _r(method: str, values: list[float], paper: float | None = None) -> dict:
+    import statistics
+    return {"method": method, "label": method.upper(), "n": len(values), "paper": paper,
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def test_the_reading_ranks_marks_gaps_beyond_the_seed_spread_and_says_when_nothing_separates():
+    from fedplora.study import reading
+
+    rows = [_r("a", [80.0, 82.0, 84.0], paper=90.0),  # 82 ± 2
+            _r("b", [79.0, 81.0, 83.0], paper=91.0),  # 81 ± 2: 1 point behind, within the spread
+            _r("c", [70.0, 76.0, 73.0]),              # 73 ± 3: 9 behind, beyond max(2, 3)
+            _r("d", [60.0]),                          # one seed: no deviation to compare with
+            _r("e", [])]                              # not run yet: left out
+    rd = reading(rows)
+    assert [(e["method"], e["gap"], e["deviation"], e["beyond"]) for e in rd["ours"]] == [
+        ("a", 0.0, 2.0, None), ("b", 1.0, 2.0, False), ("c", 9.0, 3.0, True), ("d", 22.0, None, None)]
+    assert [(e["method"], e["gap"]) for e in rd["paper"]] == [("b", 0.0), ("a", 1.0)]
+    assert rd["all_equal"] is None
+    # every method at the same figure (e.g. all stuck at the majority class): said, not ranked
+    same = reading([_r("a", [49.08, 49.08]), _r("b", [49.08])])
+    assert same["all_equal"] == pytest.approx(49.08)
+    assert reading([_r("a", [50.0])])["all_equal"] is None  # one method is no comparison
 
 
 def test_a_partial_study_reports_what_is_done_and_lists_the_rest(tmp_path):
