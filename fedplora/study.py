@@ -607,6 +607,10 @@ def _row(method: Entry, metric: str, summaries: list[dict[str, Any]], scale: flo
     return {
         "method": method.name, "label": method.label, "seeds": [s["seed"] for s in summaries],
         "n": len(summaries), "mean": mean, "std": std, "values": values,
+        # seeds whose final model predicts a single class: MCC is exactly 0 then (tasks/metrics.py), and in
+        # practice only then; such a figure is the class share of the split, not something learned
+        "one_class": (sum(s["final"]["mcc"] == 0.0 for s in summaries)
+                      if all("mcc" in s["final"] for s in summaries) else None),
         # round 0, before any training: what "learned nothing" looks like (e.g. the majority class)
         "start": (statistics.fmean(s["initial"][metric] * scale for s in summaries)
                   if all(metric in s.get("initial", {}) for s in summaries) else None),
@@ -666,7 +670,7 @@ def reading(rows: list[dict[str, Any]]) -> dict[str, Any]:
     our ranking and its ranking sit side by side.
     """
     ours = sorted((r for r in rows if r["n"]), key=lambda r: -r["mean"])
-    out: dict[str, Any] = {"ours": [], "paper": [], "all_equal": None}
+    out: dict[str, Any] = {"ours": [], "paper": [], "all_equal": None, "all_one_class": False}
     if ours:
         best = ours[0]
         for r in ours:
@@ -674,9 +678,11 @@ def reading(rows: list[dict[str, Any]]) -> dict[str, Any]:
             dev = max(devs) if len(devs) == 2 else None
             gap = best["mean"] - r["mean"]
             out["ours"].append({"method": r["method"], "label": r["label"], "mean": r["mean"], "gap": gap,
-                                "deviation": dev, "beyond": None if dev is None or r is best else gap > dev})
+                                "deviation": dev, "beyond": None if dev is None or r is best else gap > dev,
+                                "one_class": r.get("one_class") == r["n"]})
         if len(ours) > 1 and ours[0]["mean"] == ours[-1]["mean"]:
             out["all_equal"] = ours[0]["mean"]
+        out["all_one_class"] = len(ours) > 1 and all(e["one_class"] for e in out["ours"])
     paper = sorted((r for r in rows if r.get("paper") is not None), key=lambda r: -r["paper"])
     out["paper"] = [{"method": r["method"], "label": r["label"], "value": r["paper"],
                      "gap": paper[0]["paper"] - r["paper"]} for r in paper]
@@ -810,8 +816,9 @@ def _reading_markdown(study: Study, table: dict[str, Any], digits: int) -> list[
     lines = ["## Reading", "",
              "Per task and partition, best first: the best method's figure, then each other method's gap to it. "
              "A gap marked * exceeds the larger of the two methods' std over seeds (both with 2+ seeds); an "
-             "unmarked gap is within the seeds' spread or has too few seeds to tell. Start: round 0, before "
-             "training."
+             "unmarked gap is within the seeds' spread or has too few seeds to tell. ° marks a method whose final "
+             "model predicts one class on every seed (MCC exactly 0): its figure is that class's share, nothing "
+             "learned. Start: round 0, before training."
              + (" The paper's order follows, the same way." if study.paper else ""), ""]
     head = ["task", "partition", "start", "ours, best first"] + (["paper, best first"] if study.paper else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -820,14 +827,21 @@ def _reading_markdown(study: Study, table: dict[str, Any], digits: int) -> list[
         if not entries:
             return "—"
         first = entries[0]
-        return " · ".join([f"{first['label']} {_num(first[value], digits)}"]
+        return " · ".join([f"{first['label']} {_num(first[value], digits)}{mark(first)}"]
                           + [f"{e['label']} −{_num(e['gap'], digits)}{mark(e)}" for e in entries[1:]])
     for t in tables:
         rd = t["reading"]
         starts = [r["start"] for r in t["rows"] if r["n"] and r.get("start") is not None]
         start = _num(statistics.fmean(starts), digits) if starts else "—"
-        ours = (f"every method {_num(rd['all_equal'], digits)}: no ranking" if rd["all_equal"] is not None
-                else order(rd["ours"], "mean", lambda e: "*" if e["beyond"] else ""))
+        means = [e["mean"] for e in rd["ours"]]
+        span = _num(min(means), digits) + ("" if min(means) == max(means) else f" to {_num(max(means), digits)}")
+        if rd.get("all_one_class"):
+            ours = f"every method predicts one class ({span}): no ranking"
+        elif rd["all_equal"] is not None:
+            ours = f"every method {span}: no ranking"
+        else:
+            ours = order(rd["ours"], "mean",
+                         lambda e: ("*" if e["beyond"] else "") + ("°" if e.get("one_class") else ""))
         row = [t["task_label"], t["partition_label"], start, ours]
         if study.paper:
             row.append(order(rd["paper"], "value"))

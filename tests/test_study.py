@@ -363,6 +363,27 @@ def test_the_reading_ranks_marks_gaps_beyond_the_seed_spread_and_says_when_nothi
     same = reading([_r("a", [49.08, 49.08]), _r("b", [49.08])])
     assert same["all_equal"] == pytest.approx(49.08)
     assert reading([_r("a", [50.0])])["all_equal"] is None  # one method is no comparison
+    # a method whose model predicts one class on every seed (final MCC exactly 0) is marked; all of them: no ranking
+    stuck = [dict(_r("a", [81.0, 80.0]), one_class=0), dict(_r("b", [49.08, 49.08]), one_class=2),
+             dict(_r("c", [50.92, 49.08]), one_class=1)]
+    rd = reading(stuck)
+    assert [(e["method"], e["one_class"]) for e in rd["ours"]] == [("a", False), ("c", False), ("b", True)]
+    assert not rd["all_one_class"]
+    assert reading([dict(_r("a", [49.08]), one_class=1), dict(_r("b", [50.92]), one_class=1)])["all_one_class"]
+
+
+def test_one_class_models_are_marked_in_the_report_from_their_final_mcc(tmp_path):
+    path = write(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0]").replace(SKEW, ""))
+    study = load_study(path, out=tmp_path / "out")
+    for cell, acc, mcc in zip(study.cells, [0.70, 0.45], [0.41, 0.0]):
+        finish(cell, acc)
+        summary = json.loads((cell.folder / "summary.json").read_text())
+        summary["final"]["mcc"] = mcc
+        (cell.folder / "summary.json").write_text(json.dumps(summary))
+    table = write_report(study, plots=False)
+    assert [r["one_class"] for r in table["tables"][0]["rows"]] == [0, 1]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| tweets | IID | 30.00 | FedIT R 70.00 · FedIT R/2 −25.00° | FedIT R 70.00 |" in report
 
 
 def test_a_partial_study_reports_what_is_done_and_lists_the_rest(tmp_path):
