@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import json
 import math
 import re
@@ -424,9 +425,28 @@ def _raise_stop(signum, frame) -> None:
     raise Stop()
 
 
+def select_cells(study: Study, patterns: list[str] | None) -> list[Cell]:
+    """The cells whose folder under ``cells/`` matches one of the shell-style ``patterns`` (``sst2/iid/*``,
+    ``*/seed0``; ``*`` crosses ``/``), all of them without patterns. Lets a study spend its compute where it
+    informs first (one task, one seed) while its report still covers, and lists, every cell."""
+    if not patterns:
+        return list(study.cells)
+    names = {c.rel: c.rel.removeprefix("cells/") for c in study.cells}
+    chosen = []
+    for pattern in patterns:
+        pat = pattern.strip().removeprefix("cells/")
+        hits = [c for c in study.cells if fnmatch.fnmatchcase(names[c.rel], pat)]
+        if not hits:
+            raise ConfigError(f"--cells {pattern!r}: matches none of the study's {len(study.cells)} cells; they "
+                              f"are named like {names[study.cells[0].rel]!r} (task/partition/method/seed)")
+        chosen += [c for c in hits if c not in chosen]
+    return [c for c in study.cells if c in chosen]  # the study's order, whatever the patterns' order
+
+
 def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool = True,
-              log=print) -> dict[str, Any]:
-    """Run every cell that is not done (at most ``only_cells`` of them), then write the report.
+              log=print, cells: list[str] | None = None) -> dict[str, Any]:
+    """Run every cell that is not done (at most ``only_cells`` of them; only those ``cells`` matches, see
+    select_cells), then write the report.
 
     Returns ``{"ran": [...], "failed": [...], "left": n, "reused": [...]}`` (``reused``: cells copied from
     ``[study] reuse``). KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
@@ -438,7 +458,8 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
     check_conflicts(study)
     state = read_state(study.out)
     statuses = {c.rel: cell_status(c) for c in study.cells}
-    todo = [c for c in study.cells if statuses[c.rel] != "done"]
+    chosen = select_cells(study, cells)
+    todo = [c for c in chosen if statuses[c.rel] != "done"]
     n = len(study.cells)
     offered = reusable_cells(study) if study.reuse else {}
     reused = []
@@ -458,10 +479,12 @@ def run_study(study: Study, *, only_cells: int | None = None, echo_rounds: bool 
         log(f"cell {cell.index}/{n} reused ({cell.describe()}): the same settings already ran in {source}")
     todo = [c for c in todo if c not in reused]
     resumable = sum(statuses[c.rel] == "resume" for c in todo)
-    log(f"study {study.name}: {n} cells, {n - len(todo)} done"
+    done = sum(statuses[c.rel] == "done" for c in study.cells) + len(reused)
+    log(f"study {study.name}: {n} cells, {done} done"
         + (f" ({len(reused)} copied from [study] reuse)" if reused else "") + f", {len(todo)} to run"
+        + (f" of the {len(chosen)} --cells chooses" if cells else "")
         + (f" ({resumable} to continue from a checkpoint)" if resumable else "") + f"; outputs in {study.out}/")
-    finished = [(c, c.folder) for c in study.cells if c not in todo]  # the estimates' measured rates
+    finished = [(c, c.folder) for c in study.cells if statuses[c.rel] == "done" or c in reused]  # measured rates
     progress = Progress.console() if echo_rounds else None
     ran, failed = [], []
     budget = len(todo) if only_cells is None else min(only_cells, len(todo))
@@ -545,10 +568,12 @@ def estimate(todo: list[Cell], finished: list[tuple[Cell, Path]]) -> tuple[float
     return seconds, rates
 
 
-def dry_run(study: Study, log=print) -> None:
+def dry_run(study: Study, log=print, cells: list[str] | None = None) -> None:
     """The cells, their state and their cost in local training steps, and a time: per task, at the seconds a
-    step its finished cells took (else STEP_SECONDS), plus START_SECONDS a cell."""
+    step its finished cells took (else STEP_SECONDS), plus START_SECONDS a cell. Cells ``cells`` leaves out
+    (see select_cells) are listed as "left out" and not counted."""
     check_conflicts(study)
+    chosen = select_cells(study, cells)
     offered = reusable_cells(study) if study.reuse else {}
     log(f"study {study.name}: {len(study.tasks)} tasks x {len(study.partitions)} partitions x {len(study.methods)} "
         f"methods x {len(study.seeds)} seeds = {len(study.cells)} cells; outputs in {study.out}/")
@@ -562,6 +587,8 @@ def dry_run(study: Study, log=print) -> None:
             finished.append((c, source))
         elif status == "done":
             finished.append((c, c.folder))
+        elif c not in chosen:
+            status = "left out"
         else:
             todo.append(c)
         log(f"  {c.index:4d}  {status:8}  {c.rel}  ({c.cfg.method}, R={c.cfg.rank}, {c.cfg.rounds} rounds x "
@@ -984,12 +1011,22 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _patterns(value: str) -> list[str]:
+    patterns = [x.strip() for x in value.split(",") if x.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError("give one or more cell patterns, e.g. 'sst2/iid/*' or '*/seed0'")
+    return patterns
+
+
 def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE.toml", help="the study file (docs/study.md)")
     p.add_argument("--out", help="output folder (default: [study] out, else runs/study-<name>)")
     p.add_argument("--report-only", action="store_true", help="run nothing: remake the report from the cell folders")
     p.add_argument("--dry-run", action="store_true", help="run nothing: list the cells, their state and cost")
     p.add_argument("--only-cells", type=int, metavar="N", help="run at most N cells, then write the report and stop")
+    p.add_argument("--cells", metavar="GLOB[,GLOB]", type=_patterns,
+                   help="run only the cells whose folder matches, e.g. 'sst2/iid/*' or '*/seed0' (the report "
+                        "still covers every cell)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only one line per cell")
 
 
@@ -998,14 +1035,16 @@ def study_main(args: argparse.Namespace) -> int:
     study = load_study(args.file, out=args.out)
     if args.only_cells is not None and args.only_cells < 1:
         raise ConfigError(f"--only-cells: must be >= 1, got {args.only_cells}")
+    cells = getattr(args, "cells", None)
     if args.dry_run:
-        dry_run(study)
+        dry_run(study, cells=cells)
         return 0
+    select_cells(study, cells)  # a pattern that matches nothing: one line before anything runs
     check_conflicts(study)  # also for --report-only: a cell run with other settings is never reported as this study's
     if not args.report_only:
         previous = signal.signal(signal.SIGTERM, _raise_stop)
         try:
-            result = run_study(study, only_cells=args.only_cells, echo_rounds=not args.quiet)
+            result = run_study(study, only_cells=args.only_cells, echo_rounds=not args.quiet, cells=cells)
         except (KeyboardInterrupt, Stop):
             done = sum(cell_status(c) == "done" for c in study.cells)
             print(f"study {study.name} stopped: {done} of {len(study.cells)} cells done; the running cell keeps its "

@@ -460,6 +460,47 @@ def test_only_cells_and_the_progress_lines(tmp_path, monkeypatch, capsys):
     assert "8 cells, 3 done, 5 to run" in out and "cell 4/8 starts" in out and "cell 1/8" not in out
 
 
+def test_cells_runs_only_the_matching_cells_and_the_report_still_lists_the_rest(tmp_path, monkeypatch, capsys):
+    from fedplora.federation import simulation
+    from fedplora.study import select_cells
+
+    path = write(tmp_path, TINY)
+    study = load_study(path, out=tmp_path / "out")
+    rels = lambda cells: [c.rel.removeprefix("cells/") for c in cells]  # noqa: E731
+    assert rels(select_cells(study, ["tweets/iid/*"])) == [
+        "tweets/iid/fedit-r/seed0", "tweets/iid/fedit-r2/seed0", "tweets/iid/fedit-r/seed1", "tweets/iid/fedit-r2/seed1"]
+    # several patterns: the study's order, each cell once; a leading cells/ is accepted
+    assert rels(select_cells(study, ["*/seed1", "cells/tweets/skew/fedit-r/*"])) == [
+        "tweets/skew/fedit-r/seed0", "tweets/iid/fedit-r/seed1", "tweets/iid/fedit-r2/seed1",
+        "tweets/skew/fedit-r/seed1", "tweets/skew/fedit-r2/seed1"]
+    assert len(select_cells(study, None)) == 8
+    ran = []
+
+    def fake_run(cfg, out, progress=None, *, resume=False):
+        cell = next(c for c in load_study(path, out=tmp_path / "out").cells if c.folder == Path(out))
+        ran.append(cell.rel)
+        finish(cell, 0.7)
+        return json.loads((Path(out) / "summary.json").read_text())
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet", "--cells", "*/seed0"]) == 0
+    out = capsys.readouterr().out
+    assert ran == [c.rel for c in study.cells if c.seed == 0]
+    assert "8 cells, 0 done, 4 to run of the 4 --cells chooses" in out and "4 of 8 cells done" in out
+    assert "- `cells/tweets/iid/fedit-r/seed1`" in (tmp_path / "out" / "report.md").read_text()
+    # the dry run lists the others as left out and prices only the chosen
+    assert main([str(path), "--out", str(tmp_path / "out"), "--dry-run", "--cells", "tweets/iid/*"]) == 0
+    out = capsys.readouterr().out
+    assert "left out  cells/tweets/skew/fedit-r/seed1" in out and "to run: 2 cells" in out
+    # a pattern that matches nothing, or none at all: one line, exit 2, nothing runs
+    assert main([str(path), "--out", str(tmp_path / "out"), "--cells", "sst2/*"]) == 2
+    err = capsys.readouterr().err
+    assert "--cells 'sst2/*': matches none of the study's 8 cells" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main([str(path), "--cells", " , "])
+    assert len(ran) == 4
+
+
 def test_the_study_parser_wires_into_a_subparsers_object():
     import argparse
 
