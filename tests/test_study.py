@@ -532,6 +532,15 @@ def test_the_shipped_study_files_are_valid(monkeypatch, capsys):
     assert "108 cells" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "studies").glob("*.toml")))
+def test_every_shipped_study_file_loads(name):
+    text = (ROOT / "studies" / name).read_text()
+    if "../shared/data" in text and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not here")
+    study = load_study(ROOT / "studies" / name)
+    assert study.cells and len({c.rel for c in study.cells}) == len(study.cells)
+
+
 # ------------------------------------------------------------------ end to end: killed half-way and continued
 def _study_cmd(path: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedplora.study", str(path), "--out", str(out), "--quiet", *extra]
