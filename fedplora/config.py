@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError  # importable from here, as before errors.py
+from .partitioners import PARTITIONERS  # the partitioner setting's choices, importable from here as before
 from .paths import missing_reason, ref_kind
-
-PARTITIONERS = ("iid", "dirichlet", "dirichlet_per_client", "pathological", "natural")  # tasks/partition.py
 
 
 # ------------------------------------------------------------------ declarations

@@ -31,7 +31,7 @@ from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, Inn
                                        NaturalIdPartitioner, PathologicalPartitioner, Partitioner)
 
 from .. import rng
-from ..config import PARTITIONERS  # the names the partitioner setting accepts
+from ..partitioners import PARTITIONERS  # the names the partitioner setting accepts
 from .base import DataError
 
 GROUP = "__fedplora_group"
