@@ -52,7 +52,7 @@ class Task(ABC):
         client and evaluated instead, so settings such as the learning rate are chosen without ever
         looking at the reported split (stratified by label where the task has one)."""
         train, test = self.load_splits()
-        if getattr(self.config, "eval_split", "test") != "validation":
+        if self.config.eval_split != "validation":
             return train, test
         column = self.label_column if self.label_column in train.column_names else None
         if column is not None and not hasattr(train.features[column], "names"):

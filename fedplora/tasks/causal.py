@@ -38,7 +38,7 @@ class CausalLMTask(Task):
     stop_strings: tuple[str, ...] = ()
 
     def default_model_path(self) -> str:
-        return smollm2_path(getattr(self.config, "cache_dir", None))
+        return smollm2_path(self.config.cache_dir)
 
     def build_model(self):
         model = load_causal_lm(self.model_path, **self.base_options())
@@ -103,7 +103,7 @@ class CausalLMTask(Task):
         return total / max(count, 1)
 
     def generation_sample(self, dataset: Dataset) -> list[int]:
-        n = min(int(getattr(self.config, "gen_max_examples", 20)), len(dataset))
+        n = min(self.config.gen_max_examples, len(dataset))
         idx = rng.generator("generation_subset", self.config.seed).choice(len(dataset), size=n, replace=False)
         return sorted(int(i) for i in idx)
 
@@ -111,7 +111,7 @@ class CausalLMTask(Task):
     def generate(self, model, prompts_ids: list[list[int]], batch_size: int = 8) -> list[str]:
         """Greedy continuations (text), left-padded batches, cut at EOS and the stop strings."""
         tok = self.tokenizer
-        max_new = int(getattr(self.config, "gen_max_new_tokens", 128))
+        max_new = self.config.gen_max_new_tokens
         pad = tok.pad_token_id
         out: list[str] = []
         kwargs: dict[str, Any] = {}

@@ -61,7 +61,7 @@ class CodeTask(CausalLMTask):
     stop_strings = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # HumanEval's (Chen et al. 2021)
 
     def load_splits(self) -> tuple[Dataset, Dataset]:
-        problems = read_problems(getattr(self.config, "dataset", None))
+        problems = read_problems(self.config.dataset)
         order = rng.generator("problem_order", self.config.seed).permutation(len(problems))
         n_test = min(len(problems) - 1, max(1, round(self.config.test_fraction * len(problems))))
         test_ids = set(order[:n_test].tolist())
@@ -77,7 +77,7 @@ class CodeTask(CausalLMTask):
         return rows(False), rows(True)
 
     def score(self, rows, generations) -> dict[str, float]:
-        timeout = float(getattr(self.config, "code_timeout", 10.0))
+        timeout = self.config.code_timeout
         results = [run_python(program(r["prompt"], g, r["test"], r["entry_point"]), timeout=timeout)
                    for r, g in zip(rows, generations)]
         self.last_results = [{"task_id": r["task_id"], "status": res.status} for r, res in zip(rows, results)]
