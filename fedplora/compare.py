@@ -3,6 +3,11 @@
 Only the method differs between runs: each is a ``RunConfig`` with one field
 changed, executed by the same simulation, so the comparison is fair by
 construction. Outputs: comparison.json, comparison.md and two plots.
+
+A comparison is one table of a study (one task x partition, a row per method), and its per-method
+figures over seeds come from the study's summariser (``fedplora.study.summary.over_seeds``): the same
+mean and std, and the same convention for one seed (no std: undefined, shown as the mean alone), in both
+reports. What is compare's own: both noise families per round, from histories of any age (``noise_of``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from .config import ConfigError, RunConfig
 from .measure import NOISE_KEYS, noise_of
 from .methods import METHODS
 from .reports import write_json
+from .study.summary import format_mean_std, over_seeds
 
 # names accepted in --methods beyond the registry: variants of one method
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,22 +54,19 @@ def _nanmean(values) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per method: final metrics (mean/std over seeds), traffic, time, noise, aggregation time."""
+    """Per method: final metrics (mean/std over seeds: the study's ``over_seeds``), traffic, time, noise,
+    aggregation time."""
     table = {}
     for name, summaries in runs.items():
         rounds = [h for s in summaries for h in s["history"] if h["round"] > 0]
-        metrics = sorted(summaries[0]["final"])
+        seeds = over_seeds(summaries)
         table[name] = {
             "label": LABELS.get(name, name),
-            "seeds": [s["seed"] for s in summaries],
-            "final": {m: _mean_std([s["final"][m] for s in summaries]) for m in metrics},
-            "bytes_up_total": statistics.fmean(s["bytes_up_total"] for s in summaries),
-            "bytes_down_total": statistics.fmean(s["bytes_down_total"] for s in summaries),
+            "seeds": seeds["seeds"],
+            "final": seeds["final"],
+            "bytes_up_total": seeds["bytes_up_total"],
+            "bytes_down_total": seeds["bytes_down_total"],
             "wall_s": statistics.fmean(s["wall_s"] for s in summaries),
             **{f"{key}_mean": _nanmean(noise_of(h, key) for h in rounds) for key in NOISE_KEYS},
             # the function-level means under their names from before the paper's were added
@@ -94,7 +97,7 @@ def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
              f"{cfg.partitioner} partitions)", "", f"Command: `{command}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
-        cells = [row["label"], *[f"{row['final'][m]['mean']:.4f} ± {row['final'][m]['std']:.4f}" for m in metrics],
+        cells = [row["label"], *[format_mean_std(row["final"][m]["mean"], row["final"][m]["std"], 4) for m in metrics],
                  f"{row['bytes_up_total'] / 1e6:.2f}", f"{row['bytes_down_total'] / 1e6:.2f}",
                  *[f"{row.get(f'{key}_mean', float('nan')):.3g}" for key in NOISE_LABELS],
                  f"{1000 * row['agg_s_mean']:.1f}",
@@ -106,7 +109,9 @@ def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
               "weights). Paper (parameter-level): initialization = sum_i (||A - A_i||_F + ||B - B_i||_F), zero-padded "
               "rank-wise (a sum over the round's clients); aggregation = ||dW* - B_new A_new||_F with the uniform "
               "dW* = (1/v) sum_i B_i A_i (Fed-PLoRA: per pair over the clients that trained it). "
-              "Bytes: arrays actually sent, all rounds."]
+              "Bytes: arrays actually sent, all rounds."
+              + (" One seed has no std (it needs two): the mean alone is shown."
+                 if any(len(row["seeds"]) < 2 for row in table.values()) else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -612,3 +612,35 @@ def test_function_level_noise_is_reported_once_under_its_fn_name():
     assert _noise_keys(new) == ["fn_agg_noise", "fn_init_noise", "paper_agg_noise", "paper_init_noise"]
     old = [{"round": 1, "init_noise": 0.0, "agg_noise": 2.0}]  # a run from before the fn_/paper_ names
     assert _noise_keys(old) == ["agg_noise", "init_noise"]
+
+
+def test_compare_and_the_study_summarise_seeds_with_one_definition_and_one_seed_has_no_std():
+    """`fedplora compare` takes its per-method figures from the study's summariser: the same mean and std, and
+    for one seed no std (undefined, not 0.0), shown as the mean alone in both reports."""
+    import types
+
+    from fedplora.compare import markdown, summarize
+    from fedplora.study import Entry, method_row, spread
+
+    def run(seed: int, acc: float, mcc: float) -> dict:
+        history = [{"round": r, "metrics": {"accuracy": acc}, "fn_init_noise": 0.0, "fn_agg_noise": 1.0,
+                    "paper_init_noise": 0.0, "paper_agg_noise": 2.0, "bytes_up": 10, "bytes_down": 20}
+                   for r in (0, 1)]
+        return {"seed": seed, "metric": "accuracy", "final": {"accuracy": acc, "mcc": mcc}, "history": history,
+                "bytes_up_total": 10 + seed, "bytes_down_total": 20, "wall_s": 1.0}
+
+    two, one = [run(0, 0.70, 0.40), run(1, 0.60, 0.20)], [run(0, 0.65, 0.30)]
+    table = summarize({"a": two, "b": one})
+    for name, runs in (("a", two), ("b", one)):
+        row = method_row(Entry("method", name, name, {}), "accuracy", runs, scale=1.0)
+        assert table[name]["final"]["accuracy"] == spread([0.70, 0.60] if name == "a" else [0.65]) \
+            == {"mean": row["mean"], "std": row["std"]}
+        assert table[name]["final"]["mcc"] == row["other_metrics"]["mcc"]
+        assert table[name]["bytes_up_total"] / 1e6 == row["up_mb"]
+    assert table["a"]["final"]["accuracy"]["std"] > 0 and table["b"]["final"]["accuracy"]["std"] is None
+    cfg = types.SimpleNamespace(task="t", num_clients=2, clients_per_round=2, rounds=1, rank=4, ranks=[1],
+                                rank_shares=[1.0], partitioner="iid")
+    text = markdown(table, cfg, "cmd")
+    assert "| a | 0.6500 ± 0.0707 | 0.3000 ± 0.1414 |" in text and "| b | 0.6500 | 0.3000 |" in text
+    assert "One seed has no std" in text
+    assert "One seed has no std" not in markdown({"a": table["a"]}, cfg, "cmd")
