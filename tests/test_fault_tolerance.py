@@ -37,7 +37,7 @@ from fedplora.federation.checkpoint import (
     save_checkpoint,
     start_fresh,
 )
-from fedplora.federation.client_app import injected_failure
+from fedplora.federation.injection import injected_failure
 from fedplora.methods import METHODS
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -7,10 +7,17 @@ The run's settings arrive in the message (``setup``), so the same app serves the
 Simulation Engine and real SuperNodes; on a SuperNode the settings that name its
 own files (``DEVICE_LOCAL_SETTINGS``) come from its node config instead
 (``device_settings``, docs/deployment.md).
+
+The train handler (``handle_train``) is plain and honest: it knows neither secure aggregation nor the injected
+failures and attacks. Its mods (``TRAIN_MODS``) add them: ``secure_mod`` (SecAgg+: hands the handler a plain
+task, encodes and masks its reply) and, inside it, ``injection.injection_mod`` (failure and attack injection for
+tests and drills). ``train`` is the handler wrapped in them, as the ClientApp runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -23,20 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import make_ffn
 from flwr.clientapp import ClientApp
 
 from .. import rng
 from ..adapters import PLoRAConfig, get_plora_model, plora_layers
 from ..config import RunConfig
 from ..hardware import enable_gradient_checkpointing, resolve_device, steady_allocator
-from ..methods import make_method
+from ..methods import ClientUpdate, make_method
 from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
-from . import attacks
 from .heterogeneity import assign_budgets, group_sizes, round_budget
-from .messages import is_secure_task, read_secure_task, read_task, secure_reply_content, update_content
+from .injection import injected_failure, injection_mod  # noqa: F401 (injected_failure: read here by tests)
+from .messages import read_secure_task, read_task, secure_reply_content, task_content, update_content
 
 app = ClientApp()
 
@@ -168,15 +176,29 @@ class ClientRuntime:
         self.task = make_task(cfg)
         train, _ = self.task.splits()
         self.parts = partition_for(self.task, train, cfg)
-        self.encoded: dict[int, Any] = {}
+        self.encoded: dict[Any, Any] = {}
+        self.served: dict[int, Any] = {}
         self.model = get_plora_model(self.task.build_model(), plora_config(cfg))
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
 
     def data(self, cid: int):
+        """Client ``cid``'s encoded partition (encoded once), or what ``serving`` serves in its place."""
+        if cid in self.served:
+            return self.served[cid]
         if cid not in self.encoded:
             self.encoded[cid] = self.task.encode(self.parts[cid])
         return self.encoded[cid]
+
+    @contextlib.contextmanager
+    def serving(self, cid: int, data):
+        """Inside the block, ``data(cid)`` is ``data``: how a mod changes what the handler trains on without the
+        handler knowing (``injection.injection_mod``'s label_flip). Restored on leaving, whatever happened."""
+        self.served[cid] = data
+        try:
+            yield
+        finally:
+            del self.served[cid]
 
 
 _runtimes: dict[str, ClientRuntime] = {}
@@ -239,17 +261,6 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
 
-def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) -> bool:
-    """Failure injection (tests, drills): ``fail_fraction`` of all clients are down in each round, seeded.
-
-    The failing set is drawn from (seed, round, attempt), so a run is reproducible and a retried
-    round meets other failures.
-    """
-    k = int(round(cfg.fail_fraction * cfg.num_clients))
-    down = rng.generator("failures", cfg.seed, server_round, attempt).permutation(cfg.num_clients)[:k]
-    return cid in down.tolist()
-
-
 def local_private_update(cfg: RunConfig, server_round: int, cid: int, update, start):
     """Local DP (``dp_mode = "local"``): the upload becomes start + privatize_local(upload - start).
 
@@ -266,14 +277,32 @@ def local_private_update(cfg: RunConfig, server_round: int, cid: int, update, st
     return dataclasses.replace(update, arrays=arrays)
 
 
+def read_own_reply(content: RecordDict) -> tuple[ClientUpdate, dict[str, Any]]:
+    """The handler's reply (``update_content``) read back by a mod of this client: its update and its metrics
+    (less ``num-examples``, the update's sample count). Nothing is checked, unlike the server's ``read_update``:
+    it is this process's own reply, passed on as the handler made it."""
+    metrics = dict(content["metrics"])
+    num_samples = int(metrics.pop("num-examples"))
+    update = ClientUpdate(dict(content["arrays"].to_torch_state_dict()), json.loads(str(content["config"]["update"])),
+                          num_samples)
+    return update, metrics
+
+
 def secure_mod(msg: Message, context: Context, call_next) -> Message:
     """Secure aggregation's client side: a train message that carries SecAgg+'s config record goes through
     Flower's own ``secaggplus_mod`` (which runs the protocol's stages and masks the reply's parameters); every
     other message (query, plain train) passes as before.
 
+    In SecAgg+'s masked-vector stage the rest of the chain (the inner mods, then the handler) is handed the
+    task as a plain train message (``task_content``, as a plain round sends it) and replies with the plain
+    update; that reply becomes the method's fixed-shape ``secure_encode`` of the update (``secure_reply``), as
+    legacy FitRes parameters, which ``secaggplus_mod`` quantizes and masks. Whatever the inner mods do to the
+    update (local DP is the handler's; an injected attack, ``injection.injection_mod``) is thus done before it is
+    encoded.
+
     Flower quantizes with numpy's global RNG (stochastic rounding); it is seeded here from (run seed, round,
-    attempt, client), right after training and before ``secaggplus_mod`` quantizes, so a secure run is
-    reproducible. The global RNG's state is restored afterwards.
+    attempt, client), right after training and encoding and before ``secaggplus_mod`` quantizes, so a secure run
+    is reproducible. The global RNG's state is restored afterwards.
     """
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -282,11 +311,17 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
 
     def train_then_seed(message: Message, ctx: Context) -> Message:
-        reply = call_next(message, ctx)
-        config = message.content.config_records["fitins.config"]
-        seed = int(json.loads(str(config["setup"]))["seed"])
+        task, setup, server_round, attempt, layout, weight_scale = read_secure_task(message.content)
+        plain = task_content(task, json.dumps(setup), server_round)
+        plain["config"]["attempt"] = attempt
+        # the same message (its metadata copied) with the plain task as its content
+        update, metrics = read_own_reply(call_next(Message(content=plain, metadata=copy.copy(message.metadata)),
+                                                   ctx).content)
+        cfg = RunConfig.from_dict(setup)
+        method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
+        reply = Message(secure_reply(cfg, method, task, update, metrics, layout, weight_scale), reply_to=message)
         cid = int(ctx.node_config.get("partition-id", 0))
-        np.random.seed(rng.small_seed("secure_quantization", seed, int(config["round"]), int(config["attempt"]), cid))
+        np.random.seed(rng.small_seed("secure_quantization", int(setup["seed"]), server_round, attempt, cid))
         return reply
 
     saved = np.random.get_state()
@@ -296,23 +331,14 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
         np.random.set_state(saved)
 
 
-@app.train(mods=[secure_mod])
-def train(msg: Message, context: Context) -> Message:
-    """A round's training. Under secure aggregation (a SecAgg+ fit message) the reply is the method's fixed-shape
-    ``secure_encode`` of the same update, as legacy FitRes parameters that ``secure_mod`` masks."""
+def handle_train(msg: Message, context: Context) -> Message:
+    """A round's training: the method's client side on the task, local training, the honest update as the reply
+    (clipped and noised here under local DP, before anything leaves the client). Secure aggregation and the
+    injected failures and attacks are its mods' (``TRAIN_MODS``)."""
     t0 = time.perf_counter()
-    secure = is_secure_task(msg.content)
-    if secure:
-        task, setup, server_round, attempt, layout, weight_scale = read_secure_task(msg.content)
-    else:
-        task, setup, server_round = read_task(msg.content)
-        attempt = int(msg.content["config"].get("attempt", 0))
+    task, setup, server_round = read_task(msg.content)
     cfg = RunConfig.from_dict(setup)
     cid = client_id(context, cfg)
-    if injected_failure(cfg, server_round, attempt, cid):
-        if cfg.fail_mode == "error":
-            raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, round {server_round}")
-        time.sleep(cfg.round_timeout)  # "straggle": the reply comes after the server stopped waiting
     budget = client_budget(context, cfg, cid, server_round)
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     if int(task.config.get("rank", 0)) > budget and not method.ignores_budgets:
@@ -321,23 +347,23 @@ def train(msg: Message, context: Context) -> Message:
     method.client_setup(rt.model, task)
     trained_pairs = max(int(layer.active_idx.numel()) for _, layer in plora_layers(rt.model))
     data = rt.data(cid)
-    byzantine = cid in attacks.attackers(cfg)  # an attack injected for tests (attacks.py); honest clients skip this
-    if byzantine and cfg.attack == "label_flip":
-        data = attacks.poisoned_data(rt.task, data, rt.encoded, cid)
     private = cfg.dp_mode == "local"
-    start = method.client_update(rt.model, task, num_samples=len(data)).arrays if byzantine or private else None
+    start = method.client_update(rt.model, task, num_samples=len(data)).arrays if private else None
     metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
     update = method.client_update(rt.model, task, num_samples=len(data))
     if private:  # local DP: clipped and noised here, before anything leaves the client
         update = local_private_update(cfg, server_round, cid, update, start)
-    if byzantine:
-        update = attacks.attack_update(cfg, server_round, cid, update, start)
     metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,
                     "client-s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
-    if secure:
-        return Message(secure_reply(cfg, method, task, update, metrics, layout, weight_scale), reply_to=msg)
     return Message(update_content(update, metrics), reply_to=msg)
+
+
+# the train handler's mods, outermost first: SecAgg+ (plain messages pass), then failure and attack injection
+# (runs with neither pass), so an attack changes the update before secure aggregation encodes it
+TRAIN_MODS = [secure_mod, injection_mod]
+# the train function as the ClientApp runs it (the handler inside its mods); in-process callers use it too
+train = app.train()(make_ffn(handle_train, TRAIN_MODS))
 
 
 def secure_reply(cfg: RunConfig, method, task, update, metrics: dict[str, Any], layout, weight_scale: float):
