@@ -15,7 +15,8 @@ update norm or a check of the claims can (docs/robustness.md).
 
 Everything here is a pure function of the run's settings, the round and the client id, so a run with
 attacks stays reproducible and resumable. A client applies them in the client mod
-``injection.injection_mod``, around the train handler, which never reads the attack settings.
+``client_app.injection_mod`` (``injection.InjectionMod``), around the train handler, which never reads the
+attack settings.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ own files (``DEVICE_LOCAL_SETTINGS``) come from its node config instead
 
 The train handler (``handle_train``) is plain and honest: it knows neither secure aggregation nor the injected
 failures and attacks. Its mods (``TRAIN_MODS``) add them: ``secure_mod`` (SecAgg+: hands the handler a plain
-task, encodes and masks its reply) and, inside it, ``injection.injection_mod`` (failure and attack injection for
-tests and drills). ``train`` is the handler wrapped in them, as the ClientApp runs it.
+task, encodes and masks its reply) and, inside it, ``injection_mod`` (failure and attack injection for
+tests and drills, given this app's client state). ``train`` is the handler wrapped in them, as the ClientApp runs
+it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
 from .heterogeneity import assign_budgets, group_sizes, round_budget
-from .injection import injected_failure, injection_mod  # noqa: F401 (injected_failure: read here by tests)
+from .injection import InjectionMod, injected_failure  # noqa: F401 (injected_failure: read here by tests)
 from .messages import read_secure_task, read_task, secure_reply_content, task_content, update_content
 
 app = ClientApp()
@@ -193,7 +194,7 @@ class ClientRuntime:
     @contextlib.contextmanager
     def serving(self, cid: int, data):
         """Inside the block, ``data(cid)`` is ``data``: how a mod changes what the handler trains on without the
-        handler knowing (``injection.injection_mod``'s label_flip). Restored on leaving, whatever happened."""
+        handler knowing (``injection_mod``'s label_flip). Restored on leaving, whatever happened."""
         self.served[cid] = data
         try:
             yield
@@ -297,7 +298,7 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
     task as a plain train message (``task_content``, as a plain round sends it) and replies with the plain
     update; that reply becomes the method's fixed-shape ``secure_encode`` of the update (``secure_reply``), as
     legacy FitRes parameters, which ``secaggplus_mod`` quantizes and masks. Whatever the inner mods do to the
-    update (local DP is the handler's; an injected attack, ``injection.injection_mod``) is thus done before it is
+    update (local DP is the handler's; an injected attack, ``injection_mod``) is thus done before it is
     encoded.
 
     Flower quantizes with numpy's global RNG (stochastic rounding); it is seeded here from (run seed, round,
@@ -359,6 +360,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(update_content(update, metrics), reply_to=msg)
 
 
+# failure and attack injection (tests, drills): a mod given this app's client state (injection.py)
+injection_mod = InjectionMod(client_id=client_id, runtime=runtime, read_reply=read_own_reply,
+                             method=lambda cfg: make_method(cfg.method, plora_config(cfg), **method_options(cfg)))
 # the train handler's mods, outermost first: SecAgg+ (plain messages pass), then failure and attack injection
 # (runs with neither pass), so an attack changes the update before secure aggregation encodes it
 TRAIN_MODS = [secure_mod, injection_mod]

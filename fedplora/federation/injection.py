@@ -2,7 +2,8 @@
 
 The production train handler (``client_app.handle_train``) trains and replies with the client's honest update;
 it never reads ``fail_fraction``, ``fail_mode``, ``byzantine_fraction``, ``attack`` or ``attack_strength``. This
-mod, installed around it (``client_app.TRAIN_MODS``, inside ``secure_mod``), does all of the injecting:
+mod (an ``InjectionMod`` that ``client_app`` makes, ``client_app.injection_mod``, and installs around the handler
+in ``client_app.TRAIN_MODS``, inside ``secure_mod``) does all of the injecting:
 
 * failures (``injected_failure``, docs/fault-tolerance.md): before the handler runs, a failing client raises
   (``fail_mode = "error"``) or sleeps ``round_timeout`` seconds and then trains (``"straggle"``);
@@ -52,51 +53,59 @@ def injected_failure(cfg: RunConfig, server_round: int, attempt: int, cid: int) 
     return cid in down.tolist()
 
 
-def start_upload(cfg: RunConfig, context: Context, task, cid: int) -> State:
-    """What this client would upload without training: the method's ``client_setup`` of ``task`` on the cached
-    runtime's model, then its ``client_update``, in the upload's keys and shapes (what it received, sliced like
-    the upload: a Fed-PLoRA client's selected pairs, FLoRA's fresh A and zero B)."""
-    from ..methods import make_method
-    from . import client_app  # imported here: client_app installs this mod
+class InjectionMod:
+    """A ClientApp's ``injection_mod`` (module docstring), given how that app reaches its client state, so that this
+    module imports nothing of the app (``client_app`` installs the mod):
 
-    method = make_method(cfg.method, client_app.plora_config(cfg), **client_app.method_options(cfg))
-    rt = client_app.runtime(cfg, context)
-    method.client_setup(rt.model, task)
-    return method.client_update(rt.model, task, num_samples=len(rt.parts[cid])).arrays
+    * ``client_id(context, cfg)``: the client's id (its node config ``partition-id``, checked);
+    * ``runtime(cfg, context)``: the process's cached ``ClientRuntime`` of the run (its model, task, partitions,
+      encoded data, ``serving``);
+    * ``method(cfg)``: the run's method, as the handler makes it;
+    * ``read_reply(content)``: the handler's reply read back as (``ClientUpdate``, metrics).
+    """
 
+    def __init__(self, *, client_id, runtime, method, read_reply) -> None:
+        self.client_id, self.runtime, self.method, self.read_reply = client_id, runtime, method, read_reply
 
-def injection_mod(msg: Message, context: Context, call_next) -> Message:
-    """The train mod that injects failures and attacks around the handler (module docstring)."""
-    config = msg.content["config"]
-    cfg = RunConfig.from_dict(json.loads(config["setup"]))
-    if not cfg.fail_fraction and not cfg.byzantine_fraction:
-        return call_next(msg, context)
-    from . import client_app  # imported here: client_app installs this mod
+    def start_upload(self, cfg: RunConfig, context: Context, task, cid: int) -> State:
+        """What this client would upload without training: the method's ``client_setup`` of ``task`` on the cached
+        runtime's model, then its ``client_update``, in the upload's keys and shapes (what it received, sliced like
+        the upload: a Fed-PLoRA client's selected pairs, FLoRA's fresh A and zero B)."""
+        method = self.method(cfg)
+        rt = self.runtime(cfg, context)
+        method.client_setup(rt.model, task)
+        return method.client_update(rt.model, task, num_samples=len(rt.parts[cid])).arrays
 
-    server_round, attempt = int(config["round"]), int(config.get("attempt", 0))
-    cid = client_app.client_id(context, cfg)
-    if injected_failure(cfg, server_round, attempt, cid):
-        if cfg.fail_mode == "error":
-            raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, "
-                               f"round {server_round}")
-        time.sleep(cfg.round_timeout)  # "straggle": the reply comes after the server stopped waiting
-    if cid not in attacks.attackers(cfg):
-        return call_next(msg, context)
-    if cfg.attack in attacks.DATA_ATTACKS:  # label_flip: the handler trains on the flipped partition, unaware
-        rt = client_app.runtime(cfg, context)
-        with rt.serving(cid, attacks.poisoned_data(rt.task, rt.data(cid), rt.encoded, cid)):
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        """The train mod that injects failures and attacks around the handler (module docstring)."""
+        config = msg.content["config"]
+        cfg = RunConfig.from_dict(json.loads(config["setup"]))
+        if not cfg.fail_fraction and not cfg.byzantine_fraction:
             return call_next(msg, context)
-    try:
-        start = start_upload(cfg, context, read_task(msg.content)[0], cid)
-    except Exception:
-        # the handler refuses this task as well (a rank above the budget, a device that cannot load the run):
-        # its own reason is the one the server records
-        call_next(msg, context)
-        raise
-    reply = call_next(msg, context)
-    update, metrics = client_app.read_own_reply(reply.content)
-    reply.content = update_content(attacks.attack_update(cfg, server_round, cid, update, start), metrics)
-    return reply
+        server_round, attempt = int(config["round"]), int(config.get("attempt", 0))
+        cid = self.client_id(context, cfg)
+        if injected_failure(cfg, server_round, attempt, cid):
+            if cfg.fail_mode == "error":
+                raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, "
+                                   f"round {server_round}")
+            time.sleep(cfg.round_timeout)  # "straggle": the reply comes after the server stopped waiting
+        if cid not in attacks.attackers(cfg):
+            return call_next(msg, context)
+        if cfg.attack in attacks.DATA_ATTACKS:  # label_flip: the handler trains on the flipped partition, unaware
+            rt = self.runtime(cfg, context)
+            with rt.serving(cid, attacks.poisoned_data(rt.task, rt.data(cid), rt.encoded, cid)):
+                return call_next(msg, context)
+        try:
+            start = self.start_upload(cfg, context, read_task(msg.content)[0], cid)
+        except Exception:
+            # the handler refuses this task as well (a rank above the budget, a device that cannot load the run):
+            # its own reason is the one the server records
+            call_next(msg, context)
+            raise
+        reply = call_next(msg, context)
+        update, metrics = self.read_reply(reply.content)
+        reply.content = update_content(attacks.attack_update(cfg, server_round, cid, update, start), metrics)
+        return reply
 
 
-__all__ = ["injected_failure", "injection_mod", "start_upload"]
+__all__ = ["InjectionMod", "injected_failure"]
