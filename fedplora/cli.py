@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(run)
     cmp = sub.add_parser("compare", parents=[run], add_help=False,
                          help="run several methods on identical clients, partitions, budgets and seeds")
-    cmp.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
-                     default=["fedplora", "fedit", "hetlora", "flexlora", "flora"],
-                     help="comma-separated methods (also fedit-feasible); default all five")
+    from .methods import METHODS
+
+    cmp.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=list(METHODS),
+                     help="comma-separated methods (also fedit-feasible); default every registered method")
     cmp.add_argument("--seeds", type=_int_list, help="seeds to repeat every method with, e.g. 0,1,2 (default: --seed)")
     dep = sub.add_parser("deploy-local", parents=[run], add_help=False,
                          help="the same run on Flower's Deployment Engine: a SuperLink and one SuperNode "

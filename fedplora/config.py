@@ -75,11 +75,19 @@ def _aggregators() -> tuple[str, ...]:
     return AGGREGATORS
 
 
-def secure_refusal(method: str) -> str | None:
-    """Why secure aggregation is not defined for ``method`` (the method's ``secure_refusal``), or None."""
+def method_class(method: str):
+    """The registered class of ``method`` (what it declares it supports), or None for an unknown name."""
     from .methods import METHODS
 
-    return getattr(METHODS[method], "secure_refusal", None) if method in METHODS else None
+    return METHODS.get(method)
+
+
+def _defining(capability: str) -> str:
+    """The methods with no ``<capability>_refusal``, for a message's "use ..." clause."""
+    from .methods import METHODS
+
+    names = [n for n, cls in METHODS.items() if getattr(cls, capability + "_refusal") is None]
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def secure_quantization_range(cfg: "RunConfig") -> int:
@@ -359,9 +367,9 @@ class RunConfig:
         need(len(self.rank_shares) == len(self.ranks),
              f"rank_shares: needs one share per rank group ({len(self.ranks)}), got {self.rank_shares!r}")
         need(sum(self.rank_shares) > 0, f"rank_shares: must not be all 0, got {self.rank_shares!r}")
-        from .robust import refusal
+        from .aggregation import refusal
 
-        problem = refusal(self.aggregator, self.method)
+        problem = refusal(method_class(self.method), self.aggregator)
         need(problem is None, f"aggregator: {(problem or '').removeprefix('aggregator ')}")
         if self.aggregator == "krum":  # every aggregated round has >= min_replies updates: Krum must run on them
             least = 2 * self.krum_f + 3
@@ -395,9 +403,9 @@ class RunConfig:
             need(self.secure_quantization is None, "secure_quantization: is set but secure_aggregation is off; "
                                                    "add --secure-aggregation, or unset it")
             return
-        refusal = secure_refusal(self.method)
-        need(refusal is None, f"secure_aggregation: not defined for {self.method}: {refusal}; use fedplora, fedit "
-                              "or hetlora, or --no-secure-aggregation")
+        refusal = method_class(self.method).secure_refusal
+        need(refusal is None, f"secure_aggregation: not defined for {self.method}: {refusal}; use "
+                              f"{_defining('secure')}, or --no-secure-aggregation")
         need(self.aggregator == "mean",
              f"aggregator: {self.aggregator} needs every client's own update, which secure aggregation hides from "
              "the server (it sees only the sum); use --aggregator mean or --no-secure-aggregation")
@@ -427,10 +435,9 @@ class RunConfig:
 
         check_dp_settings(self.dp_clip, self.dp_noise_multiplier, self.dp_delta, self.target_epsilon, self.dp_mode)
         if self.dp_mode == "central":
-            need(self.method not in ("flexlora", "flora"),
-                 f"dp_mode: central DP is not defined for {self.method}: it aggregates the clients' products B_i A_i, "
-                 "so the Gaussian noise would go on a dense d_out x d_in sum per layer, not on pairs; use "
-                 "--dp-mode local, or fedplora, fedit or hetlora")
+            refusal = method_class(self.method).dp_refusal
+            need(refusal is None, f"dp_mode: central DP is not defined for {self.method}: {refusal}; use "
+                                  f"--dp-mode local, or {_defining('dp')}")
             need(self.aggregator == "mean",
                  f"aggregator: central DP releases the noisy sum of clipped updates, which {self.aggregator} does not "
                  "compute (its sensitivity is not C); use --aggregator mean with --dp-mode central (local DP "

@@ -18,8 +18,8 @@ and HetLoRA's norm weights grow with the update's norm, so they reward exactly w
 controls. Every robust rule here weights clients uniformly, whatever ``weighting``; only ``mean`` (the
 methods' own aggregation, untouched) uses ``weighting``.
 
-This module is pure PyTorch: the methods call it from ``aggregate`` (``methods/base.py``,
-``robust_pair_aggregate`` and ``robust_coefficients``); the federation layer never sees it.
+This module is pure PyTorch: the statistics behind ``aggregation.Robust`` (pair methods) and the product-space
+methods' ``combine``; which rules a method accepts is declared on its class (``aggregators``).
 """
 
 from __future__ import annotations
@@ -35,28 +35,6 @@ from .measure import norm_of_sum
 
 # the whole-client rules (defined for every method) first, then the coordinate-wise ones (per pair index only)
 AGGREGATORS = ("mean", "norm_clip", "krum", "median", "trimmed_mean")
-
-# The rules a method can use, where not all. FlexLoRA and FLoRA combine the clients' products B_i A_i,
-# not their factors: whole-client rules (norm_clip, krum) are defined on the products without forming
-# them; coordinate-wise rules would need a dense d_out x d_in matrix per client and layer.
-_DEFINED_FOR: dict[str, tuple[tuple[str, ...], str]] = {
-    "flexlora": (("mean", "norm_clip", "krum"),
-                 "FlexLoRA combines the clients' products B_i A_i, and a coordinate-wise statistic of them needs a "
-                 "dense d_out x d_in matrix per client and layer (of the factors it would not be FlexLoRA)"),
-    "flora": (("mean", "norm_clip", "krum"),
-              "FLoRA's clients train fresh adapters with their own random A, so their factors share no coordinates, "
-              "and a coordinate-wise statistic of the products needs a dense d_out x d_in matrix per client and layer"),
-}
-
-
-def refusal(aggregator: str, method: str) -> str | None:
-    """Why ``aggregator`` is not defined for ``method`` (one line ending in what to use), or None."""
-    allowed, reason = _DEFINED_FOR.get(method, (AGGREGATORS, ""))
-    if aggregator in allowed:
-        return None
-    use = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-    return f"aggregator {aggregator} is not defined for {method}: {reason}; use {use}"
-
 
 def trim_count(trim_fraction: float, n: int) -> int:
     """k = floor(trim_fraction * n) values dropped at each end (a 1e-9 guard against 0.29 * 100 = 28.999...)."""

@@ -9,7 +9,7 @@ from fedplora import (
     init_noise, make_method, nbytes, plora_layers, select_and_fold,
 )
 from fedplora.methods import METHODS, FedIT, FlexLoRA, FLoRA, HetLoRA
-from fedplora.methods.base import stack_pairs
+from fedplora.methods.pairs import stack_pairs
 from fedplora.methods.flexlora import dense_svd_truncation, svd_truncation
 from test_fedplora_method import _train_locally
 
@@ -96,14 +96,18 @@ def test_fedit_fedavgs_factors_and_feasible_keeps_the_tail_zero():
              "head.w": torch.zeros(2)}
     u1 = _pairs([[1., 1.], [2., 2.]], [[1., 2.]] * 3, 30, {"head.w": torch.ones(2)})
     u2 = _pairs([[5., 9.], [6., 10.]], [[5., 10.]] * 3, 10, {"head.w": 5 * torch.ones(2)})
-    new = FedIT(cfg).aggregate(state, [], [u1, u2])
+    fedit = FedIT(cfg, weighting="samples")
+    tasks = [fedit.configure_client(state, ClientInfo(c, 2, n), 1) for c, n in enumerate([30, 10])]
+    new = fedit.aggregate(state, tasks, [u1, u2])
     assert torch.allclose(new["L.plora_A"], torch.tensor([[2., 3.], [3., 4.]], dtype=torch.float64))
     assert torch.allclose(new["L.plora_B"], torch.tensor([[2., 4.]] * 3, dtype=torch.float64))
     assert torch.allclose(new["head.w"], torch.full((2,), 2.))
     # feasible at rank 1: the clients hold pair 0 only, pair 1 stays zero
     f1, f2 = _pairs([[1., 1.]], [[1.]] * 3, 30), _pairs([[5., 9.]], [[5.]] * 3, 10)
-    feasible = FedIT(cfg, variant="feasible", min_rank=1).aggregate({k: v for k, v in state.items() if "L" in k},
-                                                                     [], [f1, f2])
+    feasible_method = FedIT(cfg, weighting="samples", variant="feasible", min_rank=1)
+    pairs_only = {k: v for k, v in state.items() if "L" in k}
+    tasks = [feasible_method.configure_client(pairs_only, ClientInfo(c, 2, n), 1) for c, n in enumerate([30, 10])]
+    feasible = feasible_method.aggregate(pairs_only, tasks, [f1, f2])
     assert torch.allclose(feasible["L.plora_A"], torch.tensor([[2., 3.], [0., 0.]], dtype=torch.float64))
     assert torch.allclose(feasible["L.plora_B"], torch.tensor([[2., 0.]] * 3, dtype=torch.float64))
 
@@ -114,12 +118,13 @@ def test_hetlora_zero_pads_and_weights_by_product_norm():
              "L.plora_B": torch.full((2, 3), 7., dtype=torch.float64)}
     u1 = _pairs([[3., 4.]], [[1.], [0.]], n=100)                      # ||B A|| = ||[[3, 4], [0, 0]]|| = 5
     u2 = _pairs([[1., 0.], [0., 1.]], [[9., 0.], [0., 12.]], n=1)     # ||B A|| = ||diag(9, 12)|| = 15
-    new = HetLoRA(cfg).aggregate(state, [], [u1, u2])                 # weights 1/4, 3/4 whatever the samples
+    tasks = [HetLoRA(cfg).configure_client(state, ClientInfo(c, r, n), 1) for c, r, n in [(0, 1, 100), (1, 2, 1)]]
+    new = HetLoRA(cfg).aggregate(state, tasks, [u1, u2])              # weights 1/4, 3/4 whatever the samples
     A, B = new["L.plora_A"], new["L.plora_B"]
     assert torch.allclose(A[:2], torch.tensor([[1.5, 1.0], [0.0, 0.75]], dtype=torch.float64))
     assert torch.allclose(B[:, :2], torch.tensor([[7.0, 0.0], [0.0, 9.0]], dtype=torch.float64))
     assert torch.equal(A[2], state["L.plora_A"][2]) and torch.equal(B[:, 2], state["L.plora_B"][:, 2])
-    literal = HetLoRA(cfg, keep_untrained=False).aggregate(state, [], [u1, u2])
+    literal = HetLoRA(cfg, keep_untrained=False).aggregate(state, tasks, [u1, u2])
     assert not literal["L.plora_A"][2].any() and not literal["L.plora_B"][:, 2].any()
     assert state["L.plora_A"][0, 0] == 7.  # not mutated
 
@@ -149,7 +154,7 @@ def test_flora_merges_the_weighted_stack_into_the_delta():
     state = {"L.flora_delta": torch.ones(2, 2, dtype=torch.float64), "head.w": torch.zeros(2)}
     u1 = _pairs([[1., 2.]], [[1.], [0.]], 30, {"head.w": torch.ones(2)})
     u2 = _pairs([[0., 1.], [1., 0.]], [[1., 0.], [0., 1.]], 10, {"head.w": 5 * torch.ones(2)})
-    new = FLoRA(cfg).aggregate(state, [], [u1, u2])
+    new = FLoRA(cfg, weighting="samples").aggregate(state, [], [u1, u2])
     # 1 + 2 * (0.75 [[1, 2], [0, 0]] + 0.25 [[0, 1], [1, 0]])
     assert torch.allclose(new["L.flora_delta"], torch.tensor([[2.5, 4.5], [1.5, 1.0]], dtype=torch.float64))
     assert torch.allclose(new["head.w"], torch.full((2,), 2.))

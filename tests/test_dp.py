@@ -13,6 +13,7 @@ from opacus.accountants import RDPAccountant
 from test_fault_tolerance import InProcessGrid, _small_cfg, _strategy, in_process  # noqa: F401 (a fixture)
 
 from fedplora import PLoRAConfig, privacy, rng
+from fedplora.aggregation import reducer_for
 from fedplora.config import ConfigError, RunConfig
 from fedplora.methods import FedIT, FedPLoRA, FlexLoRA, FLoRA, HetLoRA
 from fedplora.methods.base import ClientTask, ClientUpdate
@@ -64,11 +65,11 @@ def _pairs(new):
 # ---------------------------------------------------------------- central DP, by hand
 def test_central_dp_without_noise_is_the_unweighted_per_pair_sum_over_the_fixed_expected_count():
     tasks, updates = _round(CLIENTS)
-    method = FedPLoRA(CFG, weighting="samples", selection="shared", dp=_dp())
+    method, dp = FedPLoRA(CFG, weighting="samples", selection="shared"), _dp()
     # random selection, budgets 2 and 4 of R = 4 at equal shares, 3 clients a round: every pair expects
     # 3 * (2 + 4) / (2 * 4) = 2.25 trainers; the heads expect all 3
-    assert torch.equal(method.dp_pair_counts(), torch.full((4,), 2.25, dtype=F64))
-    A, B, head = _pairs(method.private_aggregate(STATE, tasks, updates, torch.Generator().manual_seed(0)))
+    assert torch.equal(method.dp_pair_counts(dp), torch.full((4,), 2.25, dtype=F64))
+    A, B, head = _pairs(method.aggregate(STATE, tasks, updates, dp, torch.Generator().manual_seed(0)))
     assert torch.equal(A, t(1 + (1 + 2 + 3) / 2.25, 2 + 1 / 2.25, 3 + 5 / 2.25, 4))  # pair 3: nobody, no noise
     assert torch.equal(B, t(10 + (-1 - 2 + 0) / 2.25, 20 + 4 / 2.25, 30 + 7 / 2.25, 40))
     assert torch.equal(head, t((1 + 2 + 3) / 3))
@@ -78,20 +79,20 @@ def test_central_dp_without_noise_is_the_unweighted_per_pair_sum_over_the_fixed_
     step = (mean_A - STATE["L.plora_A"][:, 0]) * realised / 2.25
     assert torch.allclose(A - STATE["L.plora_A"][:, 0], step, rtol=1e-15, atol=0)
     # sample weights are ignored (DP sums count every client once): uniform weighting gives the same release
-    same = FedPLoRA(CFG, weighting="uniform", selection="shared", dp=_dp())
-    assert torch.equal(A, _pairs(same.private_aggregate(STATE, tasks, updates, None))[0])
+    same = FedPLoRA(CFG, weighting="uniform", selection="shared")
+    assert torch.equal(A, _pairs(same.aggregate(STATE, tasks, updates, _dp(), None))[0])
     # aggregate_over="all" divides every pair by all 3 sampled clients; fixed selection by the budgets covering j
-    every = FedPLoRA(CFG, selection="shared", aggregate_over="all", dp=_dp())
-    assert torch.equal(_pairs(every.private_aggregate(STATE, tasks, updates, None))[0],
+    every = FedPLoRA(CFG, selection="shared", aggregate_over="all")
+    assert torch.equal(_pairs(every.aggregate(STATE, tasks, updates, _dp(), None))[0],
                        t(1 + 6 / 3, 2 + 1 / 3, 3 + 5 / 3, 4))
-    assert torch.equal(FedPLoRA(CFG, selection="fixed", dp=_dp()).dp_pair_counts(), t(3, 3, 1.5, 1.5))
+    assert torch.equal(FedPLoRA(CFG, selection="fixed").dp_pair_counts(_dp()), t(3, 3, 1.5, 1.5))
 
 
 def test_the_whole_update_is_clipped_as_one_vector():
     # one client: pair 0 moves by (3, 0), the head by 4; norm 5 over everything, clipped to 1: scale 1/5
     tasks, updates = _round([({0: (3., 0.)}, 4.)])
     dp = _dp(clip=1.0, m=1, budgets=(4,))  # one client of rank R a round: every pair expects 1 trainer
-    A, B, head = _pairs(FedPLoRA(CFG, selection="shared", dp=dp).private_aggregate(STATE, tasks, updates, None))
+    A, B, head = _pairs(FedPLoRA(CFG, selection="shared").aggregate(STATE, tasks, updates, dp, None))
     assert torch.allclose(A, t(1 + 0.6, 2, 3, 4)) and torch.equal(B, STATE["L.plora_B"][0])
     assert torch.allclose(head, t(0.8))  # clipping each tensor on its own would have left 3 and 1 (not 0.6, 0.8)
     assert math.isclose(math.hypot(A[0] - 1, head), 1.0)
@@ -102,9 +103,9 @@ def test_pairs_trained_by_different_numbers_of_clients_leading_selection():
     clients = [({0: (3., 3.)}, 3.), ({0: (6., 0.), 1: (2., 2.)}, 0.),
                ({0: (0., 0.), 1: (4., 4.), 2: (1., 1.), 3: (2., -2.)}, 0.)]
     tasks, updates = _round(clients, leading=True)
-    method = HetLoRA(CFG, dp=_dp(budgets=(1, 2, 4)))
-    assert torch.equal(method.dp_pair_counts(), t(3, 2, 1, 1))
-    A, B, head = _pairs(method.private_aggregate(STATE, tasks, updates, None))
+    method, dp = HetLoRA(CFG), _dp(budgets=(1, 2, 4))
+    assert torch.equal(method.dp_pair_counts(dp), t(3, 2, 1, 1))
+    A, B, head = _pairs(method.aggregate(STATE, tasks, updates, dp, None))
     assert torch.equal(A, t(1 + 9 / 3, 2 + 6 / 2, 3 + 1 / 1, 4 + 2 / 1))  # no norm weights, no zero padding
     assert torch.equal(B, t(10 + 3 / 3, 20 + 6 / 2, 30 + 1 / 1, 40 - 2 / 1))
     assert torch.equal(head, t(3 / 3))
@@ -113,12 +114,12 @@ def test_pairs_trained_by_different_numbers_of_clients_leading_selection():
 def test_noise_is_seeded_reproducible_and_on_every_pair_that_could_be_trained():
     tasks, updates = _round(CLIENTS)
     dp = _dp(clip=2.0, sigma=0.5)
-    method = FedPLoRA(CFG, selection="shared", dp=dp)
-    quiet = FedPLoRA(CFG, selection="shared", dp=_dp(clip=2.0))
-    noisy = method.private_aggregate(STATE, tasks, updates, rng.torch_generator("dp_noise", 7, 3))
-    again = method.private_aggregate(STATE, tasks, updates, rng.torch_generator("dp_noise", 7, 3))
-    other = method.private_aggregate(STATE, tasks, updates, rng.torch_generator("dp_noise", 7, 4))
-    clean = quiet.private_aggregate(STATE, tasks, updates, None)
+    method = FedPLoRA(CFG, selection="shared")
+    quiet = FedPLoRA(CFG, selection="shared")
+    noisy = method.aggregate(STATE, tasks, updates, dp, rng.torch_generator("dp_noise", 7, 3))
+    again = method.aggregate(STATE, tasks, updates, dp, rng.torch_generator("dp_noise", 7, 3))
+    other = method.aggregate(STATE, tasks, updates, dp, rng.torch_generator("dp_noise", 7, 4))
+    clean = quiet.aggregate(STATE, tasks, updates, _dp(clip=2.0), None)
     assert all(torch.equal(noisy[k], again[k]) for k in STATE)
     assert not torch.equal(noisy["L.plora_A"], other["L.plora_A"])
     # the noise: N(0, (sigma C)^2) per coordinate of each sum, drawn key by key in sorted order, / the divisor
@@ -128,31 +129,34 @@ def test_noise_is_seeded_reproducible_and_on_every_pair_that_could_be_trained():
     assert torch.allclose(noisy["head.weight"] - clean["head.weight"], draws["head.weight"] / 3, rtol=1e-12)
     assert (noisy["L.plora_A"][3] != STATE["L.plora_A"][3]).all()  # pair 3: nobody trained it, it could have
     with pytest.raises(ValueError, match="Generator"):
-        method.private_aggregate(STATE, tasks, updates, None)
+        method.aggregate(STATE, tasks, updates, dp, None)
 
 
 def test_pairs_no_client_can_train_get_neither_noise_nor_update():
     # FedIT feasible at rank 2 of R = 4: pairs 2 and 3 are zero from round 0 and stay zero, with noise on
     state = dict(STATE, **{"L.plora_A": t([1.], [2.], [0.], [0.]), "L.plora_B": t([10., 20., 0., 0.])})
     tasks, updates = _round([({0: (1., 1.), 1: (1., 1.)}, 1.)] * 3, state=state, leading=True)
-    method = FedIT(CFG, variant="feasible", min_rank=2, dp=_dp(clip=10.0, sigma=1.0))
-    assert torch.equal(method.dp_pair_counts(), t(3, 3, 0, 0))
-    new = method.private_aggregate(state, tasks, updates, torch.Generator().manual_seed(1))
+    method, dp = FedIT(CFG, variant="feasible", min_rank=2), _dp(clip=10.0, sigma=1.0)
+    assert torch.equal(method.dp_pair_counts(dp), t(3, 3, 0, 0))
+    new = method.aggregate(state, tasks, updates, dp, torch.Generator().manual_seed(1))
     A, B, _ = _pairs(new)
     assert torch.equal(A[2:], t(0, 0)) and torch.equal(B[2:], t(0, 0)) and (A[:2] != t(2., 3.)).all()
 
 
 def test_central_dp_refusals_are_one_line():
     with pytest.raises(ValueError, match="central DP is not defined for flexlora"):
-        FlexLoRA(CFG, dp=_dp())
+        reducer_for(FlexLoRA(CFG), _dp())
     with pytest.raises(ValueError, match="central DP is not defined for flora"):
-        FLoRA(CFG, dp=_dp())
-    with pytest.raises(ValueError, match="aggregator median does not compute it"):
-        FedPLoRA(CFG, aggregator="median", dp=_dp())
+        reducer_for(FLoRA(CFG), _dp())
+    # a round has one reducer (central DP or a robust rule): the combination is refused by the run's settings
+    with pytest.raises(ConfigError, match="central DP releases the noisy sum of clipped updates, which median "
+                                          "does not compute"):
+        RunConfig(**CENTRAL, aggregator="median").validate()
     with pytest.raises(ValueError, match="keep_untrained=False"):
-        HetLoRA(CFG, keep_untrained=False, dp=_dp())
-    with pytest.raises(ValueError, match="built without central DP"):
-        FedPLoRA(CFG).private_aggregate(STATE, *_round(CLIENTS), None)
+        reducer_for(HetLoRA(CFG, keep_untrained=False), _dp())
+    # no private release without what it needs: noisy central DP without a generator is refused
+    with pytest.raises(ValueError, match="needs a torch.Generator"):
+        FedPLoRA(CFG).aggregate(STATE, *_round(CLIENTS), _dp(sigma=1.0), None)
 
 
 # ---------------------------------------------------------------- settings
@@ -197,17 +201,19 @@ def test_valid_dp_and_byzantine_settings_pass():
     RunConfig(num_clients=10, clients_per_round=10, byzantine_fraction=0.2, aggregator="median").validate()
 
 
-def test_the_strategy_refuses_a_method_without_the_runs_dp_option():
-    from fedplora.federation.client_app import method_options
+def test_the_strategy_adds_exactly_the_noise_its_accountant_counts():
+    # the strategy builds its DP reducer from the run's settings (strategy.run_reducer), so a method can no longer
+    # carry other DP settings than the run's: what that refusal protected is that the noise released is the noise
+    # the accountant counts
+    from fedplora.federation.client_app import central_dp, method_options
     from fedplora.federation.strategy import HeteroLoRAStrategy
 
     cfg = RunConfig(rank=4, ranks=[2, 4], rank_shares=[1.0, 1.0], **CENTRAL).validate()
-    opts = method_options(cfg)
-    assert opts["dp"] == CentralDP(1.0, 1.0, 2, (2, 4), (5.0, 5.0))  # 10 clients, budgets 2 and 4 at 1:1
-    HeteroLoRAStrategy(FedPLoRA(CFG, **opts), cfg)
-    for dp in (None, _dp(clip=1.0, sigma=0.5)):
-        with pytest.raises(ValueError, match="not built with this run's dp option"):
-            HeteroLoRAStrategy(FedPLoRA(CFG, dp=dp), cfg)
+    assert central_dp(cfg) == CentralDP(1.0, 1.0, 2, (2, 4), (5.0, 5.0))  # 10 clients, budgets 2 and 4 at 1:1
+    strategy = HeteroLoRAStrategy(FedPLoRA(CFG, **method_options(cfg)), cfg)
+    assert strategy.reducer.dp == central_dp(cfg)
+    assert strategy.reducer.dp.noise_multiplier == strategy.accountant.noise_multiplier
+    assert strategy.reducer.dp.clip == cfg.dp_clip
 
 
 # ---------------------------------------------------------------- real rounds in one process

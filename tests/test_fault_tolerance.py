@@ -254,7 +254,9 @@ def _strategy(cfg, grid):
 
     model = get_plora_model(make_task(cfg).build_model(), plora_config(cfg))
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
-    strategy = HeteroLoRAStrategy(method, cfg)
+    from fedplora.federation import attacks
+
+    strategy = HeteroLoRAStrategy(method, cfg, attackers=attacks.attackers(cfg))  # as server_app builds it
     strategy.discover(grid, timeout=60)
     return strategy, state_to_arrays(method.init_state(model))
 

@@ -63,7 +63,7 @@ def test_client_starts_exactly_at_global_model(ids):
 def test_all_ranks_equal_is_exactly_fedit(ids):
     cfg = PLoRAConfig(rank=4, alpha=8)
     state = get_plora_state_dict(get_plora_model(tiny_bert(dtype=torch.float64), cfg))
-    method = FedPLoRA(cfg, seed=0)
+    method = FedPLoRA(cfg, weighting="samples", seed=0)
     clients = [ClientInfo(cid=i, budget=4, num_samples=n) for i, n in enumerate([10, 30, 20])]
     tasks, updates = _round(method, state, clients, ids)
     new = method.aggregate(state, tasks, updates)
@@ -80,7 +80,7 @@ def test_aggregation_matches_hand_computed_example():
     cfg = PLoRAConfig(rank=4, alpha=4, target_modules=["query"], modules_to_save=["classifier"])
     layer = "L"
     state, (t1, t2), (u1, u2) = _two_client_example()
-    method = FedPLoRA(cfg)
+    method = FedPLoRA(cfg, weighting="samples")
     new = method.aggregate(state, [t1, t2], [u1, u2])
     A, B = new[layer + ".plora_A"], new[layer + ".plora_B"]
     assert torch.equal(A[0], torch.tensor([1., 1.]))                    # only client 1 trained pair 0
@@ -160,7 +160,7 @@ def _two_client_example():
 def test_aggregate_over_all_counts_every_sampled_client_for_every_pair():
     cfg = PLoRAConfig(rank=4, alpha=4, target_modules=["query"], modules_to_save=["classifier"])
     state, tasks, updates = _two_client_example()
-    new = FedPLoRA(cfg, aggregate_over="all").aggregate(state, tasks, updates)
+    new = FedPLoRA(cfg, weighting="samples", aggregate_over="all").aggregate(state, tasks, updates)
     A, B = new["L.plora_A"], new["L.plora_B"]
     # pair 0: client 1 trained it (weight 0.75), client 2 holds the global row [0, 1] (weight 0.25)
     assert torch.allclose(A[0], torch.tensor([0.75 * 1 + 0.25 * 0, 0.75 * 1 + 0.25 * 1]))

@@ -3,7 +3,8 @@
 Three layers, fastest first: every method's server-side outputs on recorded inputs (its mean, each robust
 rule, central DP, the secure decode, the noise figures); one small run per variant through the real server
 code with the real ClientApp in this process; and two of those runs through Flower's own processes (slow).
-Per-round metrics must agree within 1e-6 and exported adapters within 1e-5, relative.
+The method-level outputs must be identical (to 1e-12); per-round metrics of the runs within 1e-6 relative and
+exported adapters within 1e-5 of each tensor's scale.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from fedplora.methods import ClientInfo, ClientTask, ClientUpdate  # noqa: E402
 
 
 def assert_same(got, want, rel: float, where: str = "") -> None:
-    """Equal structure; numbers within ``rel`` (relative, with a tiny absolute floor); tensors likewise."""
+    """Equal structure; numbers within ``rel`` relative (a tiny absolute floor); a tensor within ``rel`` of its own
+    scale (its largest magnitude): a float32 rounding difference relative to an element near zero is no change."""
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype, where
-        torch.testing.assert_close(got, want, rtol=rel, atol=1e-9, msg=lambda m: f"{where}: {m}")
+        scale = float(want.detach().double().abs().max()) if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=0, atol=max(rel * scale, 1e-12), msg=lambda m: f"{where}: {m}")
     elif isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(set(got) ^ set(want))}"
         for k in want:
@@ -62,8 +65,8 @@ def test_every_aggregation_path_gives_the_recorded_numbers(name):
     updates = [ClientUpdate(u["arrays"], json.loads(u["config"]), u["num_samples"]) for u in saved["updates"]]
     got = record.outputs(cfg, state, tasks, updates)
     assert sorted(got) == sorted(saved["outputs"])
-    for path, want in saved["outputs"].items():
-        assert_same(got[path], want, 1e-6, f"{name} {path}")
+    for path, want in saved["outputs"].items():  # bit for bit (the runs below allow the issue's tolerances)
+        assert_same(got[path], want, 0.0, f"{name} {path}")
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -87,7 +90,7 @@ def test_each_variant_runs_as_recorded_through_the_server(name, paths, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedplora", "fedplora-secure"])
+@pytest.mark.parametrize("name", ["fedplora-secure"])  # SecAgg+ through real processes; plain runs: above
 def test_flower_processes_give_the_recorded_run(name, paths, tmp_path):
     from fedplora.federation.simulation import run_simulation
 

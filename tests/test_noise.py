@@ -153,7 +153,7 @@ def test_fedplora_paper_aggregation_noise_over_all_sampled_clients():
 
 def test_fedit_paper_aggregation_noise_is_uniform_mean_of_products_minus_the_formed_product():
     cfg = PLoRAConfig(rank=2, alpha=2, target_modules=["query"])  # s = 1
-    method = FedIT(cfg)  # sample weights: 1/4, 3/4
+    method = FedIT(cfg, weighting="samples")  # sample weights: 1/4, 3/4
     state = {"L.plora_A": torch.zeros(2, 2, dtype=D64), "L.plora_B": torch.zeros(3, 2, dtype=D64)}
     tasks = [method.configure_client(state, ClientInfo(c, budget=2, num_samples=n), 1) for c, n in ((0, 10), (1, 30))]
     A1, B1 = t([[1., 0.], [0., 1.]]), t([[1., 0.], [0., 2.], [1., 1.]])
@@ -180,7 +180,7 @@ def test_flora_paper_aggregation_noise_is_zero_with_uniform_weights():
     new = method.aggregate(state, tasks, updates)
     assert _paper_agg(method, state, tasks, updates, new) < 1e-12  # stacking is the uniform mean exactly
     # sample weights 1/4, 3/4: the paper's uniform dW* differs from the stack by sum_i (1/2 - w_i) B_i A_i
-    weighted = FLoRA(cfg)
+    weighted = FLoRA(cfg, weighting="samples")
     new = weighted.aggregate(state, tasks, updates)
     by_hand = 0.25 * t([[1.], [0.]]) @ t([[1., 2.]]) - 0.25 * t([[2.], [2.]]) @ t([[0., 1.]])
     assert _paper_agg(weighted, state, tasks, updates, new) == pytest.approx(fro(by_hand), rel=1e-9)

@@ -316,7 +316,7 @@ CONFIG_FAULTS = {
 METRIC_FAULTS = {f"metric {k}={v!r}": (PARSE + r": metric .* is not a finite number",
                                        lambda u, c, k=k, v=v: (u, ("metric", k, v)))
                  for k, v in [("train_loss", math.nan), ("train_loss", math.inf), ("budget", -math.inf),
-                              ("train_loss", "low"), ("budget", None), ("trained-pairs", True),
+                              ("train_loss", "low"), ("budget", None), ("trained_pairs", True),
                               ("train_loss", [0.5, math.nan]), ("train_loss", {"a": 1})]}
 # whole-content faults: (rule, content maker(honest update, honest metrics)); always alone
 CONTENT_FAULTS = {
@@ -335,7 +335,7 @@ CONTENT_FAULTS = {
     "wire: arrays only": (PARSE, lambda u, m: RecordDict({"arrays": ArrayRecord(torch_state_dict=u.arrays)})),
 }
 FAULTS = {**ARRAY_FAULTS, **COUNT_FAULTS, **CONFIG_FAULTS, **METRIC_FAULTS}
-HONEST_METRICS = {"train_loss": 0.7, "train_s": 0.01, "cid": 0, "budget": 2, "trained-pairs": 2}
+HONEST_METRICS = {"train_loss": 0.7, "train_s": 0.01, "cid": 0, "budget": 2, "trained_pairs": 2}
 
 # harmless variants of an honest reply: all must be accepted
 HARMLESS = {
@@ -483,13 +483,13 @@ def test_a_round_whose_aggregate_is_not_finite_leaves_the_state_unchanged(monkey
     """A last guard behind validation: a new state with NaN or Inf never replaces the global one."""
     rnd = Round("flora")
     honest = {0: _wire(rnd.honest(0, seed=0), HONEST_METRICS)}
-    real = rnd.method.aggregate
+    real = rnd.method.combine  # what the aggregation pipeline calls for a product-space method (FLoRA)
 
-    def overflowing(state, tasks, updates):
-        new = real(state, tasks, updates)
+    def overflowing(state, tasks, updates, aggregator):
+        new = real(state, tasks, updates, aggregator)
         return {**new, "cls.bias": torch.full_like(new["cls.bias"], math.inf)}
 
-    monkeypatch.setattr(rnd.method, "aggregate", overflowing)
+    monkeypatch.setattr(rnd.method, "combine", overflowing)
     assert rnd.aggregate(honest) is None and rnd.unchanged()
     assert rnd.strategy.record.failures[-1]["stage"] == "round"
     assert "cls.bias NaN or Inf" in rnd.strategy.record.failures[-1]["reason"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedplora import ClientInfo, ClientUpdate, PLoRAConfig, make_method
+from fedplora.aggregation import Mean, Robust, reducer_for
 from fedplora.config import ConfigError, RunConfig
 from fedplora.methods import FedIT, FedPLoRA, FlexLoRA, FLoRA, HetLoRA
 from fedplora.methods.base import ClientTask
@@ -55,7 +56,7 @@ def _round(clients, state=STATE, layers=("L",), samples=None):
 
 def _agg(aggregator, clients=CLIENTS, **options):
     tasks, updates = _round(clients)
-    new = FedPLoRA(CFG, aggregator=aggregator, **options).aggregate(STATE, tasks, updates)
+    new = FedPLoRA(CFG, **options).aggregate(STATE, tasks, updates, aggregator)
     return new["L.plora_A"][:, 0], new["L.plora_B"][0], new["head.weight"]
 
 
@@ -118,9 +119,9 @@ def test_krum_scores_on_shared_pairs_and_keeps_pairs_no_selected_client_trained(
 def test_robust_rules_ignore_claimed_sample_counts():
     tasks, updates = _round(CLIENTS, samples=[1, 1, 1, 1, 10**6])  # the outlier claims a million examples
     for rule in ("median", "trimmed_mean", "norm_clip", "krum"):
-        new = FedPLoRA(CFG, aggregator=rule).aggregate(STATE, tasks, updates)
-        assert torch.equal(new["L.plora_A"], FedPLoRA(CFG, weighting="uniform", aggregator=rule).aggregate(
-            STATE, *_round(CLIENTS))["L.plora_A"]), rule
+        new = FedPLoRA(CFG, weighting="samples").aggregate(STATE, tasks, updates, rule)
+        assert torch.equal(new["L.plora_A"], FedPLoRA(CFG, weighting="uniform").aggregate(
+            STATE, *_round(CLIENTS), rule)["L.plora_A"]), rule
 
 
 def test_aggregate_over_all_counts_non_trainers_as_zero_deltas():
@@ -137,7 +138,8 @@ def test_per_layer_index_lists():
                ({"L1": {0: (3, 3)}, "L2": {1: (4, 4), 2: (1, 1)}}, 0),
                ({"L1": {0: (8, 8), 1: (4, 4)}, "L2": {2: (2, 2)}}, 0)]
     tasks, updates = _round(clients, state, layers=("L1", "L2"))
-    new = FedPLoRA(CFG, selection="per_layer", aggregator="median").aggregate(state, tasks, updates)
+    three = PLoRAConfig(rank=3, alpha=3, target_modules=["query"])  # the state holds 3 pairs a layer
+    new = FedPLoRA(three, selection="per_layer").aggregate(state, tasks, updates, "median")
     assert torch.equal(new["L1.plora_A"][:, 0], t(3, (2 + 4) / 2, 0))  # L1 pair 2: nobody, kept
     assert torch.equal(new["L2.plora_A"][:, 0], t(1, 1 + 4, 1 + 2))  # L2 pair 0 kept, pair 1 one trainer
     assert torch.equal(new["L2.plora_B"][0], t(1, 1 + 4, 1 + 2))
@@ -161,10 +163,10 @@ def _leading(method, state, deltas, budgets, heads=None):
 def test_fedit_per_index():
     cfg = PLoRAConfig(rank=3, alpha=3)
     state = {"L.plora_A": t([1.], [2.], [0.]), "L.plora_B": t([1., 1., 0.]), "head.weight": t(0.)}
-    method = FedIT(cfg, variant="feasible", min_rank=2, aggregator="median")
+    method = FedIT(cfg, variant="feasible", min_rank=2)
     tasks, updates = _leading(method, state, [[(1, 0), (5, 1)], [(2, 0), (6, 1)], [(30, -9), (7, 1)]],
                               [3, 2, 3], heads=[1, 5, -50])
-    new = method.aggregate(state, tasks, updates)
+    new = method.aggregate(state, tasks, updates, "median")
     assert torch.equal(new["L.plora_A"][:, 0], t(1 + 2, 2 + 6, 0))  # pair 2: beyond min_rank, nobody's
     assert torch.equal(new["L.plora_B"][0], t(1 + 0, 1 + 1, 0)) and torch.equal(new["head.weight"], t(1.))
 
@@ -174,11 +176,11 @@ def test_hetlora_per_index_over_the_clients_whose_rank_covers_it():
     state = {"L.plora_A": t([1.], [1.], [1.]), "L.plora_B": t([1., 1., 1.]), "head.weight": t(0.)}
     deltas = [[(1, 1)], [(2, 2), (4, 0)], [(100, 3), (8, 2)]]
     tasks, updates = _leading(HetLoRA(cfg), state, deltas, [1, 2, 2])
-    new = HetLoRA(cfg, aggregator="median").aggregate(state, tasks, updates)
+    new = HetLoRA(cfg).aggregate(state, tasks, updates, "median")
     # pair 0 over all three, pair 1 over the two of rank 2 (not pulled towards a padded zero), pair 2 kept
     assert torch.equal(new["L.plora_A"][:, 0], t(1 + 2, 1 + 6, 1))
     assert torch.equal(new["L.plora_B"][0], t(1 + 2, 1 + 1, 1))
-    dropped = HetLoRA(cfg, keep_untrained=False, aggregator="median").aggregate(state, tasks, updates)
+    dropped = HetLoRA(cfg, keep_untrained=False).aggregate(state, tasks, updates, "median")
     assert torch.equal(dropped["L.plora_A"][:, 0], t(3, 7, 0))  # the literal rule still zeroes pair 2
 
 
@@ -194,7 +196,7 @@ def test_flexlora_norm_clip_and_krum_in_product_space():
     tasks = [FlexLoRA(cfg).configure_client(state, ClientInfo(i, 1), 1) for i in range(3)]
 
     def product(aggregator):
-        new = FlexLoRA(cfg, aggregator=aggregator).aggregate(state, tasks, updates)
+        new = FlexLoRA(cfg).aggregate(state, tasks, updates, aggregator)
         return float(new["L.plora_B"] @ new["L.plora_A"])
 
     # norms 2, 3, 99: bound 2 * 3 = 6, client 2 scaled by 6/99: 1 + (2 + 3 + 6) / 3
@@ -211,11 +213,11 @@ def test_flora_norm_clip_and_krum_in_product_space():
     for u, h in zip(updates, (1, 2, 3)):
         u.arrays["head.weight"] = t(float(h))
     # whole-client norms: sqrt(2^2+1), sqrt(3^2+2^2), sqrt(100^2+3^2); median sqrt(13), bound 2 sqrt(13)
-    new = FLoRA(cfg, aggregator="norm_clip").aggregate(state, [None] * 3, updates)
+    new = FLoRA(cfg).aggregate(state, [None] * 3, updates, "norm_clip")
     c = 2 * math.sqrt(13) / math.sqrt(100 ** 2 + 9)
     assert float(new["L.flora_delta"]) == pytest.approx(0.5 + (2 + 3 + 100 * c) / 3, abs=1e-12)
     assert float(new["head.weight"]) == pytest.approx((1 + 2 + 3 * c) / 3, abs=1e-12)
-    new = FLoRA(cfg, aggregator=Aggregator("krum", krum_f=0, krum_m=2)).aggregate(state, [None] * 3, updates)
+    new = FLoRA(cfg).aggregate(state, [None] * 3, updates, Aggregator("krum", krum_f=0, krum_m=2))
     assert float(new["L.flora_delta"]) == pytest.approx(0.5 + 2.5, abs=1e-12)
     assert float(new["head.weight"]) == pytest.approx(1.5, abs=1e-12)
 
@@ -226,7 +228,10 @@ def test_flora_norm_clip_and_krum_in_product_space():
 def test_coordinatewise_rules_are_refused_for_product_space_methods(method, rule):
     with pytest.raises(ValueError, match=f"^aggregator {rule} is not defined for {method}: .*; "
                                          "use mean, norm_clip or krum$"):
-        make_method(method, CFG, aggregator=rule)
+        reducer_for(make_method(method, CFG), rule)
+    with pytest.raises(ValueError, match=f"^aggregator {rule} is not defined for {method}: .*; "
+                                         "use mean, norm_clip or krum$"):
+        make_method(method, CFG).aggregate({}, [], [], rule)
     with pytest.raises(ConfigError, match=f"^aggregator: {rule} is not defined for {method}: .*krum$") as e:
         RunConfig(method=method, aggregator=rule).validate()
     assert "\n" not in str(e.value)
@@ -251,9 +256,9 @@ def test_krum_refuses_a_round_too_small_for_it():
     tasks, updates = _round(CLIENTS[:4])
     with pytest.raises(ValueError, match=r"^aggregator krum: this round has 4 updates, and krum_f=1 needs more "
                                          r"than 2\*krum_f\+2 = 4; lower --krum-f or raise --min-replies$"):
-        FedPLoRA(CFG, aggregator="krum").aggregate(STATE, tasks, updates)
+        FedPLoRA(CFG).aggregate(STATE, tasks, updates, "krum")
     with pytest.raises(ValueError, match="^aggregator krum: krum_m=5 is more than the 4 clients"):
-        FedPLoRA(CFG, aggregator=Aggregator("krum", krum_m=5)).aggregate(STATE, *_round(CLIENTS))
+        FedPLoRA(CFG).aggregate(STATE, *_round(CLIENTS), Aggregator("krum", krum_m=5))
 
 
 def test_config_checks_krum_against_min_replies():
@@ -282,15 +287,20 @@ def test_tolerates():
         tolerates("trimmed_mean", 10, 1, trim_fraction=0.7)
 
 
-def test_method_options_carry_the_aggregator():
+def test_the_run_reducer_carries_the_aggregator():
+    # method_options no longer carry the aggregator: the run's reducer does (strategy.run_reducer)
     from fedplora.federation.client_app import method_options
+    from fedplora.federation.strategy import run_reducer
 
     cfg = RunConfig(aggregator="trimmed_mean", trim_fraction=0.3).validate()
     opts = method_options(cfg)
-    assert opts["aggregator"] == Aggregator("trimmed_mean", trim_fraction=0.3)
     method = make_method(cfg.method, CFG, **opts)
-    assert method.aggregator.trim_fraction == 0.3 and "trimmed_mean (trim_fraction 0.3)" in method.describe()
-    assert method_options(RunConfig())["aggregator"] == Aggregator()
+    reducer = run_reducer(cfg, method)
+    assert reducer.aggregator == Aggregator("trimmed_mean", trim_fraction=0.3)
+    assert reducer.aggregator.trim_fraction == 0.3 and "trimmed_mean (trim_fraction 0.3)" in reducer.describe()
+    default = RunConfig().validate()
+    assert run_reducer(default, make_method(default.method, CFG, **method_options(default))).aggregator == Aggregator()
+    assert run_reducer(default, make_method(default.method, CFG, **method_options(default))) == Mean()
 
 
 # ---------------------------------------------------------------- mean unchanged, every method
@@ -323,27 +333,27 @@ def test_mean_is_todays_aggregate_bit_for_bit_and_robust_rules_run(name):
     default = make_method(name, cfg, seed=1)
     tasks, updates = _random_round(default, state, [1, 2, 4, 3, 4])
     today = default.aggregate(state, tasks, updates)
-    explicit = make_method(name, cfg, seed=1, aggregator=Aggregator("mean", trim_fraction=0.1, clip_multiplier=3.0,
-                                                                     krum_f=2, krum_m=2))
-    new = explicit.aggregate(state, tasks, updates)
+    rule = Aggregator("mean", trim_fraction=0.1, clip_multiplier=3.0, krum_f=2, krum_m=2)
+    explicit = make_method(name, cfg, seed=1)
+    new = explicit.aggregate(state, tasks, updates, rule)
     assert today.keys() == new.keys() and all(torch.equal(today[k], new[k]) for k in today)
     assert explicit.describe() == default.describe()
+    assert reducer_for(explicit, rule).describe() == reducer_for(default, None).describe()
     for rule in AGGREGATORS[1:]:
         if name in ("flexlora", "flora") and rule in ("median", "trimmed_mean"):
             continue
-        out = make_method(name, cfg, seed=1, aggregator=rule).aggregate(state, tasks, updates)
+        out = make_method(name, cfg, seed=1).aggregate(state, tasks, updates, rule)
         assert out.keys() == today.keys() and all(out[k].shape == today[k].shape for k in out), rule
         assert all(bool(torch.isfinite(v).all()) for v in out.values()), rule
 
 
 def test_per_pair_mean_of_the_engine_is_fedplora_participants_rule():
-    from fedplora.methods.base import robust_pair_aggregate
-
     state = _random_state("fedplora")
     method = FedPLoRA(PLoRAConfig(rank=4, alpha=8), weighting="uniform", selection="per_layer", seed=3)
     tasks, updates = _random_round(method, state, [1, 2, 3, 2, 1])
     today = method.aggregate(state, tasks, updates)
-    engine = robust_pair_aggregate(Aggregator("mean"), state, updates, [task.config["indices"] for task in tasks])
+    # the per-unit engine (robust.combine) with the mean rule over each pair's holders
+    engine = method.decode(state, Robust(Aggregator("mean")).reduce(method.contributions(state, tasks, updates)))
     assert all(torch.allclose(today[k], engine[k], atol=1e-12, rtol=0) for k in today)
 
 
@@ -360,7 +370,7 @@ def test_an_attacker_moves_mean_far_but_not_the_robust_rules(name, scale):
     state = {"L.plora_A": state["L.plora_A"][:2], "L.plora_B": state["L.plora_B"][:, :2],
              "head.weight": state["head.weight"]}
     g = torch.Generator().manual_seed(11)
-    method = make_method(name, cfg)
+    method = make_method(name, cfg, weighting="samples")
     tasks = [method.configure_client(state, ClientInfo(cid, 2), 1) for cid in range(HONEST + 1)]
     updates = []
     for cid, task in enumerate(tasks):  # honest delta: 1 + U(-0.1, 0.1) per coordinate; the attacker: scale x 1
@@ -374,7 +384,7 @@ def test_an_attacker_moves_mean_far_but_not_the_robust_rules(name, scale):
     honest = {k: sum(u.arrays[k] for u in updates[:HONEST]) / HONEST for k in state}
 
     def error(aggregator):
-        new = make_method(name, cfg, aggregator=aggregator).aggregate(state, tasks, updates)
+        new = make_method(name, cfg, weighting="samples").aggregate(state, tasks, updates, aggregator)
         return max(float((new[k] - honest[k]).abs().max()) for k in state)
 
     assert error("mean") > 50  # the attacker's claimed samples (HetLoRA: its norm) give it almost all the weight
@@ -398,7 +408,7 @@ def test_an_attacker_in_product_space(name):
     honest = sum(u.arrays["L.plora_B"] @ a0 for u in updates[:HONEST]) / HONEST
 
     def error(aggregator):
-        new = make_method(name, cfg, aggregator=aggregator).aggregate(state, tasks, updates)
+        new = make_method(name, cfg).aggregate(state, tasks, updates, aggregator)
         P = new["L.flora_delta"] if name == "flora" else new["L.plora_B"] @ new["L.plora_A"]
         return float((P - honest).abs().max())
 

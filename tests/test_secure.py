@@ -1,4 +1,4 @@
-"""Secure aggregation's core (fedplora/methods/base.py, docs/secure-aggregation.md): the fixed-shape upload and
+"""Secure aggregation's core (fedplora/aggregation/pipeline.py, docs/secure-aggregation.md): the fixed-shape upload and
 the aggregate computed from nothing but the sum of the uploads. Hand-computed examples (a pair trained by
 several clients, by one, by none), equality with every supported method's own ``aggregate`` on random rounds,
 central DP's release from client-clipped sums, and the refusals. Small tensors: milliseconds."""
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedplora import ClientInfo, PLoRAConfig
+from fedplora.aggregation import layout, reducer_for, secure_decode, secure_upload
 from fedplora.methods import FedIT, FedPLoRA, FlexLoRA, FLoRA, HetLoRA
 from fedplora.methods.base import ClientTask, ClientUpdate
 from fedplora.privacy import CentralDP
@@ -23,7 +24,7 @@ def t(*rows):
 
 def summed(method, tasks, updates, weight_scale=1.0, clip=None):
     """What SecAgg+ hands the server: the element-wise sum of every client's upload."""
-    uploads = [method.secure_encode(task, u, weight_scale, clip) for task, u in zip(tasks, updates)]
+    uploads = [secure_upload(method, task, u, weight_scale, clip) for task, u in zip(tasks, updates)]
     return {k: sum(up[k] for up in uploads) for k in uploads[0]}
 
 
@@ -53,34 +54,34 @@ def _round(clients=CLIENTS):
 def test_the_upload_is_fixed_shape_with_zeros_where_the_client_did_not_train():
     tasks, updates = _round()
     method = FedPLoRA(CFG, weighting="uniform")
-    up = method.secure_encode(tasks[2], updates[2], weight_scale=60)
+    up = secure_upload(method, tasks[2], updates[2], weight_scale=60)
     assert list(up) == sorted(up) == ["L.count", "L.plora_A", "L.plora_B", "L.w", "head.weight", "heads.count",
                                       "heads.w"]
-    assert {k: tuple(v.shape) for k, v in up.items()} == method.secure_layout(STATE)
+    assert {k: tuple(v.shape) for k, v in up.items()} == layout(STATE, method.rank)
     assert torch.equal(up["L.plora_A"][:, 0], t(3, 0, 5, 0)) and torch.equal(up["L.plora_B"][0], t(0, 0, 7, 0))
     assert torch.equal(up["L.w"], t(1, 0, 1, 0)) and torch.equal(up["L.count"], t(1, 0, 1, 0))
     assert torch.equal(up["head.weight"], t(3.)) and up["heads.w"].item() == up["heads.count"].item() == 1
     # every client sends the same keys and shapes, whatever it trained
-    assert all({k: v.shape for k, v in method.secure_encode(task, u, 60).items()} ==
+    assert all({k: v.shape for k, v in secure_upload(method, task, u, 60).items()} ==
                {k: v.shape for k, v in up.items()} for task, u in zip(tasks, updates))
 
 
 def test_per_pair_mean_from_the_sums_by_hand():
     tasks, updates = _round()
     method = FedPLoRA(CFG, weighting="uniform")
-    new = method.secure_aggregate(STATE, tasks, summed(method, tasks, updates), clients=3)
+    new = secure_decode(method, STATE, summed(method, tasks, updates), 3, reducer_for(method, None))
     # pair 0: mean over its 3 trainers; pair 1: client 0's value; pair 2: client 2's; pair 3: nobody, unchanged
     assert torch.equal(new["L.plora_A"][:, 0], t(1 + 2, 2 + 1, 3 + 5, 4))
     assert torch.equal(new["L.plora_B"][0], t(10 - 1, 20 + 4, 30 + 7, 40))
     assert torch.equal(new["head.weight"], t(2.))
     # sample weights 10, 30, 60 (scale 60: weights 1/6, 1/2, 1): pair 0 moves by (10*1 + 30*2 + 60*3) / 100
     method = FedPLoRA(CFG, weighting="samples")
-    new = method.secure_aggregate(STATE, tasks, summed(method, tasks, updates, weight_scale=60), clients=3)
+    new = secure_decode(method, STATE, summed(method, tasks, updates, weight_scale=60), 3, reducer_for(method, None))
     assert torch.allclose(new["L.plora_A"][:, 0], t(1 + 2.5, 2 + 1, 3 + 5, 4), rtol=1e-15, atol=0)
     assert torch.allclose(new["head.weight"], t(2.5), rtol=1e-15, atol=0)
     # the "all" reading: every client counts for every pair with a zero delta where it did not train
     method = FedPLoRA(CFG, weighting="uniform", aggregate_over="all")
-    new = method.secure_aggregate(STATE, tasks, summed(method, tasks, updates), clients=3)
+    new = secure_decode(method, STATE, summed(method, tasks, updates), 3, reducer_for(method, None))
     assert torch.allclose(new["L.plora_A"][:, 0], t(1 + 2, 2 + 1 / 3, 3 + 5 / 3, 4), rtol=1e-15, atol=0)
 
 
@@ -143,31 +144,31 @@ def test_the_aggregate_from_the_sums_equals_the_methods_own_aggregate(method):
     tasks, updates = _random_round(method, state, gen)
     scale = max(u.num_samples for u in updates)
     expected = method.aggregate(state, tasks, updates)
-    got = method.secure_aggregate(state, tasks, summed(method, tasks, updates, scale), clients=len(updates))
+    got = secure_decode(method, state, summed(method, tasks, updates, scale), len(updates), reducer_for(method, None))
     assert set(got) == set(expected)
     for key in expected:
         assert torch.allclose(got[key], expected[key], rtol=1e-12, atol=1e-12), key
     # the layout the server computes from the global state is the one every client fills from its task
-    assert all(list(method.secure_encode(tk, u, scale)) == list(method.secure_layout(state))
+    assert all(list(secure_upload(method, tk, u, scale)) == list(layout(state, method.rank))
                for tk, u in zip(tasks, updates))
 
 
-@pytest.mark.parametrize("make", [lambda dp: FedPLoRA(CFG, seed=1, dp=dp),
-                                  lambda dp: FedPLoRA(CFG, seed=1, aggregate_over="all", dp=dp),
-                                  lambda dp: FedIT(CFG, dp=dp), lambda dp: HetLoRA(CFG, dp=dp)],
+@pytest.mark.parametrize("make", [lambda: FedPLoRA(CFG, seed=1, selection="shared"),
+                                  lambda: FedPLoRA(CFG, seed=1, selection="shared", aggregate_over="all"),
+                                  lambda: FedIT(CFG), lambda: HetLoRA(CFG)],
                          ids=["fedplora", "fedplora-all", "fedit", "hetlora"])
 def test_central_dp_from_client_clipped_sums_equals_the_servers_release(make):
     """Under secure aggregation the clients clip (the server never sees a delta to clip); the server adds the
-    same noise to the sums and divides by the same fixed counts: the release is the one ``private_aggregate``
-    makes from the individual updates, draw for draw."""
+    same noise to the sums and divides by the same fixed counts: the release is the one ``aggregate`` with central
+    DP makes from the individual updates, draw for draw."""
     dp = CentralDP(clip=0.3, noise_multiplier=0.8, clients_per_round=5, budgets=(1, 2, 4))
-    method = make(dp)
+    method = make()
     gen = torch.Generator().manual_seed(3)
     state = _layers_state(gen)
     tasks, updates = _random_round(method, state, gen)
-    expected = method.private_aggregate(state, tasks, updates, torch.Generator().manual_seed(11))
+    expected = method.aggregate(state, tasks, updates, dp, torch.Generator().manual_seed(11))
     sums = summed(method, tasks, updates, weight_scale=90, clip=dp.clip)
-    got = method.secure_aggregate(state, tasks, sums, clients=5, generator=torch.Generator().manual_seed(11))
+    got = secure_decode(method, state, sums, 5, reducer_for(method, dp), torch.Generator().manual_seed(11))
     for key in expected:
         assert torch.allclose(got[key], expected[key], rtol=1e-12, atol=1e-12), key
 
@@ -177,18 +178,18 @@ def test_a_layer_whose_sums_are_malformed_is_refused_by_name():
     method = FedPLoRA(CFG)
     sums = summed(method, tasks, updates)
     with pytest.raises(ValueError, match=r"L.plora_A has shape \(3, 1\), expected \(4, 1\)"):
-        method.secure_aggregate(STATE, tasks, {**sums, "L.plora_A": sums["L.plora_A"][:3]}, clients=3)
+        secure_decode(method, STATE, {**sums, "L.plora_A": sums["L.plora_A"][:3]}, 3, reducer_for(method, None))
     with pytest.raises(ValueError, match="head.weight contains NaN"):
-        method.secure_aggregate(STATE, tasks, {**sums, "head.weight": t(float("nan"))}, clients=3)
+        secure_decode(method, STATE, {**sums, "head.weight": t(float("nan"))}, 3, reducer_for(method, None))
     with pytest.raises(ValueError, match="missing"):
-        method.secure_aggregate(STATE, tasks, {k: v for k, v in sums.items() if k != "L.w"}, clients=3)
+        secure_decode(method, STATE, {k: v for k, v in sums.items() if k != "L.w"}, 3, reducer_for(method, None))
     # an upload that declared another SecAgg+ weight scales the whole sum: the counts stop being whole numbers
     # of the summed uploads (every upload holds exactly 1 for the heads, 0 or 1 per pair)
     with pytest.raises(ValueError, match="3 uploads were summed but heads.count counts 2"):
-        method.secure_aggregate(STATE, tasks, {**sums, "heads.count": sums["heads.count"] * 2 / 3}, clients=3)
+        secure_decode(method, STATE, {**sums, "heads.count": sums["heads.count"] * 2 / 3}, 3, reducer_for(method, None))
     with pytest.raises(ValueError, match="L.count is not a count of at most 3 uploads"):
-        method.secure_aggregate(STATE, tasks, {k: v * 1.1 for k, v in sums.items()}, clients=3)
-    assert method.secure_aggregate(STATE, tasks, sums, clients=3)  # the honest sums pass
+        secure_decode(method, STATE, {k: v * 1.1 for k, v in sums.items()}, 3, reducer_for(method, None))
+    assert secure_decode(method, STATE, sums, 3, reducer_for(method, None))  # the honest sums pass
 
 
 def test_methods_that_need_individual_updates_refuse_secure_aggregation():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -35,67 +34,26 @@ from flwr.client.mod import make_ffn
 from flwr.clientapp import ClientApp
 
 from .. import rng
-from ..adapters import PLoRAConfig, get_plora_model, plora_layers
+from ..adapters import get_plora_model, plora_layers
 from ..config import RunConfig
 from ..hardware import enable_gradient_checkpointing, resolve_device, steady_allocator
-from ..methods import ClientUpdate, make_method
+from ..aggregation import secure_upload
+from ..methods import METHODS, ClientUpdate, make_method, plora_config
 from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, train_local
-from .heterogeneity import assign_budgets, group_sizes, round_budget
+from .accounting import central_dp, dp_noise_multiplier  # noqa: F401 (central_dp: the run's DP settings)
+from .heterogeneity import assign_budgets, round_budget
 from .injection import InjectionMod, injected_failure  # noqa: F401 (injected_failure: read here by tests)
 from .messages import read_secure_task, read_task, secure_reply_content, task_content, update_content
 
 app = ClientApp()
 
 
-def plora_config(cfg: RunConfig) -> PLoRAConfig:
-    return PLoRAConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.targets, dropout=cfg.lora_dropout,
-                       fold=cfg.fold)
-
-
-@functools.lru_cache(maxsize=16)
-def _resolve_noise(noise_multiplier, target_epsilon, rounds, q, delta, mode) -> float:
-    from ..privacy import resolve_noise_multiplier
-
-    return resolve_noise_multiplier(noise_multiplier, target_epsilon, rounds, q, delta, mode)
-
-
-def dp_noise_multiplier(cfg: RunConfig) -> float | None:
-    """The run's sigma, resolved once per process: ``dp_noise_multiplier``, or the one ``target_epsilon`` chooses
-    for the planned ``rounds`` at q = clients_per_round / num_clients (central) or q = 1 (local); None when off."""
-    if cfg.dp_mode == "off":
-        return None
-    return _resolve_noise(cfg.dp_noise_multiplier, cfg.target_epsilon, cfg.rounds,
-                          cfg.clients_per_round / cfg.num_clients, cfg.dp_delta, cfg.dp_mode)
-
-
-def central_dp(cfg: RunConfig):
-    """The methods' ``dp`` option under ``dp_mode = "central"``: clip, sigma and the declared budget profile (the
-    exact group sizes of ``ranks``/``rank_shares`` over ``num_clients``, as the simulation assigns them)."""
-    from ..privacy import CentralDP
-
-    return CentralDP(clip=cfg.dp_clip, noise_multiplier=dp_noise_multiplier(cfg),
-                     clients_per_round=cfg.clients_per_round, budgets=tuple(cfg.ranks),
-                     shares=tuple(float(n) for n in group_sizes(cfg.num_clients, cfg.rank_shares)))
-
-
 def method_options(cfg: RunConfig) -> dict[str, Any]:
-    from ..robust import Aggregator
-
-    opts: dict[str, Any] = {"weighting": cfg.weighting, "seed": cfg.seed,
-                            "aggregator": Aggregator(cfg.aggregator, cfg.trim_fraction, cfg.clip_multiplier,
-                                                     cfg.krum_f, cfg.krum_m)}
-    if cfg.dp_mode == "central":
-        opts["dp"] = central_dp(cfg)
-    if cfg.method == "fedplora":
-        opts.update(selection=cfg.selection, aggregate_over=cfg.aggregate_over, unselected=cfg.unselected)
-    if cfg.method == "fedit":
-        opts["variant"] = cfg.fedit_variant
-        if cfg.fedit_variant == "feasible":  # every client at the smallest budget of the profile
-            opts["min_rank"] = min(cfg.ranks)
-    return opts
+    """The method's constructor options from the run's settings (``FederatedMethod.config_options``)."""
+    return {"weighting": cfg.weighting, "seed": cfg.seed, **METHODS[cfg.method].config_options(cfg)}
 
 
 # The settings that name files on the device. On a SuperNode they come from its own node config (keys with
@@ -355,8 +313,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     update = method.client_update(rt.model, task, num_samples=len(data))
     if private:  # local DP: clipped and noised here, before anything leaves the client
         update = local_private_update(cfg, server_round, cid, update, start)
-    metrics.update({"cid": cid, "budget": budget, "trained-pairs": trained_pairs,
-                    "client-s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
+    metrics.update({"cid": cid, "budget": budget, "trained_pairs": trained_pairs,
+                    "client_s": time.perf_counter() - t0})  # the whole handler: setup, training, upload
     return Message(update_content(update, metrics), reply_to=msg)
 
 
@@ -371,10 +329,10 @@ train = app.train()(make_ffn(handle_train, TRAIN_MODS))
 
 
 def secure_reply(cfg: RunConfig, method, task, update, metrics: dict[str, Any], layout, weight_scale: float):
-    """The fixed-shape upload (``method.secure_encode``; central DP clips the delta here, on the client) and the
+    """The fixed-shape upload (``aggregation.secure_upload``; central DP clips the delta here, on the client) and the
     metrics, which report how many coordinates fall outside SecAgg+'s clipping range [-secure_clip, secure_clip]
     (Flower clips them silently; the server's history shows the count)."""
     clip = cfg.dp_clip if cfg.dp_mode == "central" else None
-    encoded = method.secure_encode(task, update, weight_scale, clip)
+    encoded = secure_upload(method, task, update, weight_scale, clip)
     clipped = sum(int((t.detach().double().abs() > cfg.secure_clip).sum()) for t in encoded.values())
-    return secure_reply_content(encoded, layout, {**metrics, "secure-clipped": clipped})
+    return secure_reply_content(encoded, layout, {**metrics, "secure_clipped": clipped})

@@ -6,7 +6,7 @@ in a ``ConfigRecord``, so methods may put per-layer index lists in it.
 Under secure aggregation (``secure_*`` below) a round is Flower's SecAgg+ workflow, which speaks the legacy
 ``FitIns``/``FitRes`` (``flwr.compat``): the task's arrays go as legacy ``Parameters`` in a fixed key order,
 the keys, the upload's layout and the weight scale in the fit config; the reply's parameters are the
-method's ``secure_encode`` output in layout order, which Flower's ``secaggplus_mod`` masks before it leaves.
+client's ``aggregation.secure_upload`` in layout order, which Flower's ``secaggplus_mod`` masks before it leaves.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ SECURE_FIT_CONFIG = "fitins.config"  # where compat puts a FitIns' config: its p
 def secure_fitins(task: ClientTask, setup: str, server_round: int, attempt: int,
                   layout: dict[str, tuple[int, ...]], weight_scale: float) -> FitIns:
     """A task as legacy FitIns: arrays in the order of ``keys`` (listed in the config), the upload's
-    ``layout`` (keys and shapes of ``secure_encode``'s output, in order) and the weight scale."""
+    ``layout`` (keys and shapes of the secure upload, ``aggregation.layout``, in order) and the weight scale."""
     keys = list(task.arrays)
     parameters = ndarrays_to_parameters([task.arrays[k].detach().cpu().contiguous().numpy() for k in keys])
     config = {"task": json.dumps(task.config), "setup": setup, "round": server_round, "attempt": attempt,
@@ -118,10 +118,10 @@ def secure_reply_content(encoded: dict[str, torch.Tensor], layout: dict[str, tup
     """The client's legacy FitRes: ``encoded`` in ``layout`` order as float64, num_examples = 1 (SecAgg+'s
     weight: Flower then divides the sum by the number of clients, which the server multiplies back)."""
     if set(encoded) != set(layout):
-        raise ValueError(f"secure_encode's keys differ from the layout: {sorted(set(encoded) ^ set(layout))[:3]}")
+        raise ValueError(f"the secure upload's keys differ from the layout: {sorted(set(encoded) ^ set(layout))[:3]}")
     for key, shape in layout.items():
         if tuple(encoded[key].shape) != tuple(shape):
-            raise ValueError(f"secure_encode: {key} has shape {tuple(encoded[key].shape)}, the layout {shape}")
+            raise ValueError(f"secure upload: {key} has shape {tuple(encoded[key].shape)}, the layout {shape}")
     parameters = ndarrays_to_parameters([encoded[k].detach().cpu().double().contiguous().numpy() for k in layout])
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=parameters, num_examples=1,
                     metrics=dict(metrics))

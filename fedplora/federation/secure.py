@@ -4,14 +4,14 @@ Nothing cryptographic is written here. A round runs ``flwr.server.workflow.SecAg
 ``LegacyContext`` whose strategy is ``SecureRoundStrategy``, a small legacy ``Strategy`` adapter:
 
 * ``configure_fit`` is the round's own sampling, budget query and ``method.configure_client`` (exactly as a
-  plain round), each task as legacy ``FitIns`` (``messages.secure_fitins``);
-* the clients train as in a plain round and reply with the method's fixed-shape ``secure_encode`` (every pair
-  of every layer, zeros where they did not train, and per-pair weights), which Flower's ``secaggplus_mod``
-  quantizes and masks on the client (``client_app.secure_mod``);
+  plain round; ``SecureHost.secure_tasks``), each task as legacy ``FitIns`` (``messages.secure_fitins``);
+* the clients train as in a plain round and reply with their fixed-shape contribution
+  (``aggregation.secure_upload``: every pair of every layer, zeros where they did not train, and per-pair
+  weights), which Flower's ``secaggplus_mod`` quantizes and masks on the client (``client_app.secure_mod``);
 * ``aggregate_fit`` receives only what the workflow unmasked: Flower's weighted mean of the uploads. Every
   client declares the weight 1 (``num_examples = 1``, ``max_weight = 1``), so that is sum / K over the K
   clients whose masked vectors were summed; multiplied back by K it is the element-wise sum that
-  ``method.secure_aggregate`` turns into the new global state.
+  ``aggregation.secure_decode`` turns into the new global state (``SecureHost.secure_result``).
 
 The server never holds one client's pairs: the replies it receives carry masked integer vectors, key shares and
 scalar metrics, and the only arrays this module reads are the unmasked aggregate. A halted or failed
@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,10 +41,29 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from ..config import secure_quantization_range
-from ..measure import init_noise, paper_init_noise
-from .messages import secure_fitins
+from .history import RoundRecord
 
-UNAVAILABLE = "secure aggregation: the server never holds an individual client's update"
+
+class SecureHost(Protocol):
+    """What a secure round needs from the run's strategy (``HeteroLoRAStrategy``): its settings, its nodes, the
+    round's record, the attempt's tasks and the decode of the unmasked sum. The round writes none of its
+    attributes; it hands the global arrays and the counted traffic in as arguments."""
+
+    cfg: Any
+    nodes: dict[int, int]
+    record: RoundRecord
+
+    @property
+    def pending(self) -> dict[int, tuple[int, Any]]: ...
+
+    def record_for(self, server_round: int, attempt: int) -> RoundRecord: ...
+
+    def secure_tasks(self, server_round: int, attempt: int, arrays: ArrayRecord, grid) -> list[tuple[int, Any]]: ...
+
+    def secure_result(self, server_round: int, results: list, traffic: dict[int, tuple[int, int]]
+                      ) -> ArrayRecord | None: ...
+
+    def dp_epsilon(self) -> float | None: ...
 MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, CURRENT_ROUND = "config", "parameters", "current_round"  # flwr.server.workflow.constant
 
 
@@ -109,13 +128,13 @@ class CountingGrid:
 class SecureRoundStrategy(LegacyStrategy):
     """The legacy Strategy the SecAgg+ workflow drives for one attempt of one round (see the module docstring).
 
-    ``owner`` is the run's ``HeteroLoRAStrategy``: sampling, tasks, the round record and aggregation stay there.
-    ``aggregate_fit`` stores the new global state (or None) in ``outcome`` and returns no parameters, so the
-    workflow's own context is never the place the global state lives.
+    ``host`` keeps sampling, tasks, the round record and aggregation (``SecureHost``). ``aggregate_fit`` stores
+    the new global state (or None) in ``outcome`` and returns no parameters, so the workflow's own context is
+    never the place the global state lives.
     """
 
-    def __init__(self, owner, grid, attempt: int) -> None:
-        self.owner, self.grid, self.attempt = owner, grid, attempt
+    def __init__(self, host: SecureHost, grid, counting: "CountingGrid", arrays: ArrayRecord, attempt: int) -> None:
+        self.host, self.grid, self.counting, self.arrays, self.attempt = host, grid, counting, arrays, attempt
         self.called = False
         self.outcome: ArrayRecord | None = None
 
@@ -125,11 +144,13 @@ class SecureRoundStrategy(LegacyStrategy):
     def configure_fit(self, server_round, parameters, client_manager):
         proxies = client_manager.all()
         return [(proxies[str(node)], fitins) for node, fitins in
-                self.owner.secure_configure(server_round, self.attempt, self.grid)]
+                self.host.secure_tasks(server_round, self.attempt, self.arrays, self.grid)]
 
     def aggregate_fit(self, server_round, results, failures):
         self.called = True
-        self.outcome = self.owner.secure_aggregate(server_round, results)
+        traffic = {node: (self.counting.down.get(node, 0), self.counting.up.get(node, 0))
+                   for node in set(self.counting.down) | set(self.counting.up)}
+        self.outcome = self.host.secure_result(server_round, results, traffic)
         return None, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -152,18 +173,16 @@ def threshold(cfg, clients: int) -> tuple[int, int]:
     return shares, max(round(cfg.secure_threshold * shares), 2)
 
 
-def secure_round(owner, grid, server_round: int, arrays: ArrayRecord, attempt: int,
+def secure_round(owner: SecureHost, grid, server_round: int, arrays: ArrayRecord, attempt: int,
                  timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """One attempt of a round under secure aggregation: (new global arrays, metrics), or (None, None) when the
-    workflow halted or failed (recorded in ``owner.record``; the global state is unchanged)."""
+    workflow halted or failed (recorded in the round's record; the global state is unchanged)."""
     cfg, rec = owner.cfg, owner.record_for(server_round, attempt)
-    owner.state_arrays = arrays
     counting = CountingGrid(grid)
-    owner.counting = counting
     manager = SimpleClientManager()
     for node in owner.nodes.values():
         manager.register(GridClientProxy(node_id=node, grid=counting, run_id=0))
-    adapter = SecureRoundStrategy(owner, grid, attempt)
+    adapter = SecureRoundStrategy(owner, grid, counting, arrays, attempt)
     workflow = SecAggPlusWorkflow(cfg.secure_shares, cfg.secure_threshold, max_weight=1.0,
                                   clipping_range=float(cfg.secure_clip),
                                   quantization_range=secure_quantization_range(cfg), timeout=timeout)
@@ -193,9 +212,9 @@ def secure_round(owner, grid, server_round: int, arrays: ArrayRecord, attempt: i
     return adapter.outcome, MetricRecord({"bytes-up": rec.bytes_up, "bytes-down": rec.bytes_down})
 
 
-def _halt_reason(cfg, counting: CountingGrid, owner) -> str:
+def _halt_reason(cfg, counting: CountingGrid, owner: SecureHost) -> str:
     if not counting.stages:
-        return (f"secure aggregation needs at least 2 clients to start, {len(owner.secure_pending)} answered "
+        return (f"secure aggregation needs at least 2 clients to start, {len(owner.pending)} answered "
                 "the budget query")
     last = counting.stages[-1]
     sampled = len(counting.stages[0].asked)
@@ -204,9 +223,9 @@ def _halt_reason(cfg, counting: CountingGrid, owner) -> str:
             f"clients left, SecAgg+ needs {t} to rebuild the masks")
 
 
-def _record_dropouts(owner, counting: CountingGrid) -> None:
+def _record_dropouts(owner: SecureHost, counting: CountingGrid) -> None:
     """Each client that left the protocol, once, at the first stage it failed or did not answer in."""
-    by_node = {node: cid for node, (cid, _) in owner.secure_pending.items()}
+    by_node = {node: cid for node, (cid, _) in owner.pending.items()}
     gone: set[int] = set()
     for log in counting.stages:
         for node in sorted(log.asked - log.answered - gone):
@@ -234,14 +253,3 @@ def unmasked_sums(results, layout: dict[str, tuple[int, ...]]) -> tuple[dict[str
             raise ValueError(f"the unmasked aggregate's {key} has shape {tuple(value.shape)}, the layout {shape}")
         sums[key] = torch.from_numpy(np.asarray(value, dtype=np.float64) * clients)
     return sums, clients
-
-
-def secure_noise(method, state, tasks) -> dict[str, Any]:
-    """The round's noise figures under secure aggregation: initialization noise from the tasks the server built;
-    aggregation noise needs each client's end adapter, so it is None, with the reason."""
-    g_old = method.global_factors(state)
-    return {"fn_init_noise": float(np.mean([init_noise(g_old, method.client_start_factors(t)) for t in tasks])),
-            "paper_init_noise": paper_init_noise(method.global_pairs(state),
-                                                 [method.client_start_pairs(t) for t in tasks]),
-            "fn_agg_noise": None, "paper_agg_noise": None}
-

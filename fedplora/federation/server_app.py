@@ -21,12 +21,12 @@ from .. import rng
 from ..adapters import get_plora_model
 from ..config import ConfigError, RunConfig
 from ..errors import FedploraError
-from ..methods import make_method
+from ..methods import build_method, plora_config
 from ..reports import plot_run, write_json
 from ..tasks import make_task
 from ..tasks.partition import partition_for, partition_report
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, start_fresh
-from .client_app import method_options, plora_config
+from . import attacks
 from .progress import Progress
 from .strategy import HeteroLoRAStrategy, arrays_to_state, state_to_arrays
 
@@ -51,7 +51,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     train, test = task.splits()
     eval_data = evaluation_set(task, test, cfg)
     model = get_plora_model(task.build_model(), plora_config(cfg))
-    method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
+    method = build_method(cfg)
     model_id = getattr(task, "model_path", cfg.model)
     state, history, elapsed, privacy = method.init_state(model), [], 0.0, None
     if resume:  # every check passes before anything in ``out`` is touched
@@ -64,7 +64,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         (out / "config.toml").write_text(cfg.to_toml())
         # the clients' partitions, as every client computes them: sizes and label histograms
         write_json(out / "partitions.json", partition_report(partition_for(task, train, cfg), task.partition_column))
-    strategy = HeteroLoRAStrategy(method, cfg, progress=progress)  # with DP: sigma resolved here, once
+    attacks.check_task(cfg)  # an attack the task cannot carry is refused before the first round
+    # with DP, sigma is resolved here, once; the injected attackers are recorded, for measuring only
+    strategy = HeteroLoRAStrategy(method, cfg, progress=progress, attackers=attacks.attackers(cfg))
     if resume:
         strategy.load_privacy_state(privacy)  # the privacy count continues exactly where the checkpoint left it
 
@@ -119,8 +121,9 @@ def dp_summary(cfg: RunConfig, strategy: HeteroLoRAStrategy) -> dict[str, Any]:
     if cfg.dp_mode == "central":
         out["sampling_rate"] = acc.q  # local DP has no amplification by sampling (q = 1 per client)
     else:
-        out["client_epsilon"] = {str(c): strategy.client_epsilon(c) for c in sorted(strategy.dp_uploads)}
-        out["client_uploads"] = {str(c): n for c, n in sorted(strategy.dp_uploads.items())}
+        uploads = strategy.privacy.uploads
+        out["client_epsilon"] = {str(c): strategy.privacy.client_epsilon(c) for c in sorted(uploads)}
+        out["client_uploads"] = {str(c): n for c, n in sorted(uploads.items())}
     return out
 
 

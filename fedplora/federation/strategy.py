@@ -1,38 +1,41 @@
-"""A Flower strategy for heterogeneous-rank LoRA: one message per client, the method's own aggregation.
+"""A Flower strategy for heterogeneous-rank LoRA: one message per client, one aggregation path.
 
-It keeps Flower's ``Strategy`` contract: ``start()`` owns the round loop (as in FedAvg, with a
-central ``evaluate_fn``), ``configure_train`` turns the global ``ArrayRecord`` into messages and
-``aggregate_train`` turns replies into the next one. What differs from FedAvg: each client gets
-its own task (its pairs, its rank) instead of one shared RecordDict, the budget of each sampled
-client is asked first, and every reply is checked before the method core aggregates it.
-Reading order: ``start`` -> ``configure_train`` -> ``aggregate_train`` -> ``collect`` ->
-``check_reply`` -> ``measure``.
+It keeps Flower's ``Strategy`` contract: ``start()`` owns the round loop (as in FedAvg, with a central
+``evaluate_fn``), ``configure_train`` turns the global ``ArrayRecord`` into messages and ``aggregate_train`` turns
+replies into the next one. What differs from FedAvg: each client gets its own task (its pairs, its rank) instead
+of one shared RecordDict, the budget of each sampled client is asked first, and every reply is checked before
+the aggregation pipeline (``fedplora.aggregation``) combines it with the reducer chosen once, here, for the run.
+
+Beside the loop: ``history.py`` (a round's record and measurements), ``accounting.py`` (privacy spent) and
+``secure.py`` (a round as Flower's SecAgg+ workflow, driving this strategy through ``secure_tasks`` and
+``secure_result``). Reading order: ``start`` -> ``configure_train`` -> ``aggregate_train`` -> ``collect``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .. import rng
+from ..aggregation import Reducer, aggregate, layout, reducer_for, secure_decode
 from ..config import RunConfig
-from ..measure import aggregation_noise, init_noise, nbytes, paper_aggregation_noise, paper_init_noise
+from ..measure import nbytes
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
-from ..methods.base import State
 from ..privacy import update_norm
-from . import attacks
+from ..robust import Aggregator
+from ..state import State
+from .accounting import PrivacyLedger, central_dp
+from .history import Accepted, RoundRecord, client_line, measure_round, noise_entry, untimed  # noqa: F401
 from .messages import read_update, secure_fitins, task_content
-from .secure import UNAVAILABLE, secure_noise, secure_round, unmasked_sums
+from .secure import secure_round, unmasked_sums
 
 
 def state_to_arrays(state: State) -> ArrayRecord:
@@ -55,100 +58,24 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-@dataclasses.dataclass
-class Accepted:
-    """A reply that passed every check: who sent it, for which task, and what it reported."""
-
-    cid: int
-    task: ClientTask
-    update: ClientUpdate
-    metrics: dict[str, Any]
-    client: dict[str, Any] | None = None  # its line in the round's history (``describe``)
-
-    @property
-    def loss(self) -> float | None:
-        return float(self.metrics["train_loss"]) if "train_loss" in self.metrics else None
-
-    def describe(self, global_rank: int) -> dict[str, Any]:
-        return {"cid": self.cid, "rank": int(self.task.config.get("rank", global_rank)),
-                "budget": int(self.metrics.get("budget", 0)), "trained_pairs": int(self.metrics.get("trained-pairs", 0)),
-                "num_samples": self.update.num_samples, "bytes_down": nbytes(self.task.arrays),
-                "bytes_up": nbytes(self.update.arrays), "train_loss": self.loss,
-                "train_s": float(self.metrics.get("train_s", 0.0)), "client_s": float(self.metrics.get("client-s", 0.0))}
-
-
-def noise_entry(init_fn: float, agg_fn: float | None, init_paper: float, agg_paper: float | None
-                ) -> dict[str, float | None]:
-    """A round's noise keys (``measure.NOISE_KEYS``); ``init_noise``/``agg_noise`` repeat the function-level
-    figures under the names histories used before the paper's were added, for readers of those."""
-    return {"fn_init_noise": init_fn, "fn_agg_noise": agg_fn, "paper_init_noise": init_paper,
-            "paper_agg_noise": agg_paper, "init_noise": init_fn, "agg_noise": agg_fn}
-
-
-TIMINGS = ("wall_s", "agg_s", "measure_s", "eval_s", "train_s", "client_s")  # clock readings in a history
-
-
-def untimed(entry: dict[str, Any]) -> dict[str, Any]:
-    """A history entry without its clock readings (its own and its clients'): what two runs of one seed share."""
-    out = {k: v for k, v in entry.items() if k not in TIMINGS}
-    if "clients" in out:
-        out["clients"] = [{k: v for k, v in c.items() if k not in TIMINGS} for c in out["clients"]]
-    return out
-
-
-@dataclasses.dataclass
-class RoundRecord:
-    """What happened in one round, for the history."""
-
-    round: int
-    clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    # noise, two families (docs/method.md, "Measurements"): function level, and the paper's definitions
-    fn_init_noise: float = 0.0
-    fn_agg_noise: float | None = 0.0  # None: not measurable (secure aggregation)
-    paper_init_noise: float = 0.0
-    paper_agg_noise: float | None = 0.0
-    agg_s: float = 0.0
-    measure_s: float = 0.0
-    train_loss: float | None = None
-    aggregated: bool = False
-    attempts: int = 1
-    # the sampled clients that are Byzantine (attacks.py): for measuring an aggregator, which never sees it
-    attackers: list[int] = dataclasses.field(default_factory=list)
-    dp_epsilon: float | None = None  # the privacy spent after this round (dp_mode on only)
-    # secure aggregation (secure.py): the server held only the sum; agg noise is then None (noise_unavailable)
-    secure: bool = False
-    dropouts: list[int] = dataclasses.field(default_factory=list)  # clients that left the SecAgg+ protocol
-
-    def fail(self, cid: int | None, stage: str, reason: str) -> None:
-        """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
-        self.failures.append({"cid": cid, "stage": stage, "reason": reason, "attempt": self.attempts - 1})
-
-    def entry(self) -> dict[str, Any]:
-        """The round's history entry (metrics and wall time are added by the server loop)."""
-        entry = {"round": self.round, "metrics": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                 **noise_entry(self.fn_init_noise, self.fn_agg_noise, self.paper_init_noise, self.paper_agg_noise),
-                 "agg_s": self.agg_s, "measure_s": self.measure_s,
-                 "train_loss": self.train_loss, "aggregated": self.aggregated, "attempts": self.attempts,
-                 "clients": self.clients, "failures": self.failures, "attackers": self.attackers}
-        if self.dp_epsilon is not None:
-            entry["dp_epsilon"] = self.dp_epsilon
-        if self.secure:
-            entry.update(secure=True, survivors=len(self.clients), dropouts=self.dropouts,
-                         noise_unavailable={"fn_agg_noise": UNAVAILABLE, "paper_agg_noise": UNAVAILABLE,
-                                            "agg_noise": UNAVAILABLE})
-        return entry
+def run_reducer(cfg: RunConfig, method: FederatedMethod) -> Reducer:
+    """How this run combines its clients, chosen in this one place: central DP's noisy sum, a robust rule, or the
+    method's mean (SecAgg+ computes the mean's sum, or central DP's, in Flower instead of here)."""
+    if cfg.dp_mode == "central":
+        return reducer_for(method, central_dp(cfg))
+    return reducer_for(method, Aggregator(cfg.aggregator, cfg.trim_fraction, cfg.clip_multiplier,
+                                          cfg.krum_f, cfg.krum_m))
 
 
 class HeteroLoRAStrategy(Strategy):
-    """``progress``: where the loop reports what it is doing (``Progress``), or None."""
+    """``progress``: where the loop reports what it is doing (``Progress``), or None. ``attackers``: the clients a
+    test injected as Byzantine (``attacks.attackers``), recorded in the history for measuring only."""
 
-    def __init__(self, method: FederatedMethod, cfg: RunConfig, progress=None) -> None:
-        self.method = method
-        self.cfg = cfg
-        self.progress = progress
+    def __init__(self, method: FederatedMethod, cfg: RunConfig, progress=None, attackers: Iterable[int] = ()) -> None:
+        self.method, self.cfg, self.progress = method, cfg, progress
+        self.reducer = run_reducer(cfg, method)  # a combination the method does not define: one line, here
+        self.privacy = PrivacyLedger(cfg)  # with DP: sigma resolved here, once per run
+        self.attackers = set(attackers)
         self.state: State = {}  # the global state of the round being configured (from ``arrays``)
         self.history: list[dict[str, Any]] = []
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
@@ -156,63 +83,22 @@ class HeteroLoRAStrategy(Strategy):
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
         self._declared: dict[int, int] = {}  # cid -> the example count its query declared this attempt
         self.record = RoundRecord(round=0)
-        attacks.check_task(cfg)  # an attack the task cannot carry is refused before the first round
-        self.attackers = attacks.attackers(cfg)  # for the history only; aggregation never reads it
-        self.accountant, self.dp_uploads = self._accountant(cfg), {}  # cid -> noisy uploads it was asked for
-        self.state_arrays: ArrayRecord | None = None  # secure aggregation: the global arrays of the round
-        self.counting = None  # secure aggregation: the attempt's CountingGrid (payload per node)
 
-    # ------------------------------------------------------------ differential privacy
-    def _accountant(self, cfg: RunConfig):
-        """The run's privacy accountant (None when dp_mode is off); sigma is resolved here, once per run."""
-        if cfg.dp_mode == "off":
-            return None
-        from ..privacy import Accountant
-        from .client_app import dp_noise_multiplier
-
-        sigma, dp = dp_noise_multiplier(cfg), getattr(self.method, "dp", None)
-        if cfg.dp_mode == "central" and (dp is None or (dp.clip, dp.noise_multiplier) != (cfg.dp_clip, sigma)):
-            raise ValueError("dp_mode central: the method was not built with this run's dp option "
-                             "(use method_options(cfg)); the accountant must count the noise actually added")
-        return Accountant(q=cfg.clients_per_round / cfg.num_clients, noise_multiplier=sigma, delta=cfg.dp_delta,
-                          mode=cfg.dp_mode)
+    # ------------------------------------------------------------ privacy (accounting.py)
+    @property
+    def accountant(self):
+        return self.privacy.accountant
 
     def dp_epsilon(self) -> float | None:
-        """Epsilon spent so far at dp_delta. Central: the accountant's (one step per released aggregate). Local:
-        the worst client's, over the noisy uploads it was asked for (every attempt it was sent work in)."""
-        if self.accountant is None:
-            return None
-        if self.cfg.dp_mode == "central":
-            return self.accountant.epsilon
-        return max((self.client_epsilon(c) for c in self.dp_uploads), default=0.0)
-
-    def client_epsilon(self, cid: int) -> float:
-        """Local DP: client ``cid``'s epsilon (``privacy.local_epsilon`` over its uploads)."""
-        from ..privacy import local_epsilon
-
-        acc = self.accountant
-        return local_epsilon(self.dp_uploads.get(cid, 0), acc.noise_multiplier, acc.delta)
+        return self.privacy.epsilon()
 
     def privacy_state(self) -> dict[str, Any] | None:
-        """What a checkpoint keeps of the privacy accounting (JSON), or None when dp_mode is off."""
-        if self.accountant is None:
-            return None
-        return {"accountant": self.accountant.state_dict(),
-                "uploads": {str(c): n for c, n in sorted(self.dp_uploads.items())}}
+        return self.privacy.state_dict()
 
     def load_privacy_state(self, state: dict[str, Any] | None) -> None:
-        """Continue a checkpoint's privacy count exactly (a resumed run)."""
-        from ..errors import CheckpointError
+        self.privacy.load_state_dict(state)
 
-        if self.accountant is None:
-            return
-        if state is None:
-            raise CheckpointError(f"the checkpoint has no privacy accounting, and this run has dp_mode="
-                                  f"{self.cfg.dp_mode}: resume it with the settings it started with")
-        self.accountant.load_state_dict(state["accountant"])
-        self.dp_uploads = {int(c): int(n) for c, n in state["uploads"].items()}
-
-    # ------------------------------------------------------------ discovery
+    # ------------------------------------------------------------ discovery and sampling
     def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
         """Wait for the clients to connect and learn which node holds which client id.
 
@@ -339,7 +225,7 @@ class HeteroLoRAStrategy(Strategy):
         if self.progress is not None:
             self.progress.status(text)
 
-    # ------------------------------------------------------------ Flower's strategy interface
+    # ------------------------------------------------------------ configure: sample, ask budgets, build tasks
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client, each with its own task; ``config["attempt"]`` > 0 is a retry."""
@@ -372,86 +258,18 @@ class HeteroLoRAStrategy(Strategy):
         for info in infos:
             task = self.method.configure_client(self.state, info, server_round)
             self._pending[self.nodes[info.cid]] = (info.cid, task)
-            if self.cfg.dp_mode == "local":  # it may upload a noisy update: counted whether or not it arrives
-                self.dp_uploads[info.cid] = self.dp_uploads.get(info.cid, 0) + 1
+            self.privacy.asked(info.cid)  # local DP: it may upload a noisy update, counted whether or not it arrives
             out.append((info, task))
         return out
 
-    # ------------------------------------------------------------ secure aggregation (secure.py drives these)
-    @property
-    def secure_pending(self) -> dict[int, tuple[int, ClientTask]]:
-        return self._pending
-
-    def secure_configure(self, server_round: int, attempt: int, grid: Grid) -> list[tuple[int, Any]]:
-        """(node, FitIns) for this attempt's clients: the same sampling, budgets and tasks as a plain round, the
-        upload's layout and the weight scale (the largest sample count the round's clients declared)."""
-        pairs = self.round_tasks(server_round, self.state_arrays, attempt, grid)
-        layout = self.method.secure_layout(self.state)
-        scale = float(max((info.num_samples for info, _ in pairs), default=1))
-        return [(self.nodes[info.cid], secure_fitins(task, self.setup, server_round, attempt, layout, scale))
-                for info, task in pairs]
-
-    def secure_aggregate(self, server_round: int, results: list) -> ArrayRecord | None:
-        """The new global state from the unmasked aggregate of the K clients whose vectors SecAgg+ summed, or
-        None (recorded) when it cannot be used. ``results``: (proxy, FitRes) with the aggregate as parameters
-        and each client's plain scalar metrics; never a client's own pairs."""
-        rec = self.record
-        survivors = sorted((self._pending[proxy.node_id][0], self._pending[proxy.node_id][1], proxy.node_id,
-                            dict(fitres.metrics)) for proxy, fitres in results)
-        rec.clients = [self.describe_secure(cid, task, node, metrics) for cid, task, node, metrics in survivors]
-        if len(survivors) < self.cfg.min_replies:
-            rec.fail(None, "round", f"only {len(survivors)} clients survived secure aggregation, min_replies="
-                                    f"{self.cfg.min_replies}: nothing aggregated, global state unchanged")
-            return None
-        tasks = [task for _, task, _, _ in survivors]
-        with one_thread():
-            t0 = time.perf_counter()
-            try:
-                sums, clients = unmasked_sums(results, self.method.secure_layout(self.state))
-                generator = (rng.torch_generator("dp_noise", self.cfg.seed, server_round)
-                             if self.cfg.dp_mode == "central" else None)
-                new_state = self.method.secure_aggregate(self.state, tasks, sums, clients, generator)
-            except Exception as e:
-                rec.fail(None, "round", f"the unmasked aggregate cannot be used ({type(e).__name__}: {e}): nothing "
-                                        "aggregated, global state unchanged")
-                return None
-            rec.agg_s = time.perf_counter() - t0
-            if not self.finite(new_state):
-                return None
-            noise = secure_noise(self.method, self.state, tasks)
-            rec.fn_init_noise, rec.paper_init_noise = noise["fn_init_noise"], noise["paper_init_noise"]
-            rec.fn_agg_noise = rec.paper_agg_noise = None
-            rec.measure_s = time.perf_counter() - t0 - rec.agg_s
-        losses = [c["train_loss"] for c in rec.clients]
-        weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
-        rec.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
-        self.released()
-        return state_to_arrays(new_state)
-
-    def describe_secure(self, cid: int, task: ClientTask, node: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """A survivor's line in the history: what it reported in the clear (scalars), the payload that crossed."""
-        def number(key: str, cast=float):
-            value = metrics.get(key)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-            return cast(value) if ok else None
-
-        line = {"cid": cid, "rank": int(task.config.get("rank", self.method.rank)), "budget": number("budget", int),
-                "trained_pairs": number("trained-pairs", int), "num_samples": self._declared.get(cid),
-                "bytes_down": self.counting.down.get(node, 0), "bytes_up": self.counting.up.get(node, 0),
-                "train_loss": number("train_loss"), "train_s": number("train_s") or 0.0,
-                "client_s": number("client-s") or 0.0, "secure_clipped": number("secure-clipped", int),
-                "delta_norm": None}  # the server never holds the update it would measure
-        if self.cfg.dp_mode == "local":
-            line["dp_epsilon"] = self.client_epsilon(cid)
-        return line
-
+    # ------------------------------------------------------------ aggregate: check, reduce, measure
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the valid replies; with fewer than ``min_replies`` nothing changes (None, None)."""
         accepted = self.collect(replies)
         if self.cfg.dp_mode == "local":
             for a in accepted:
-                a.client["dp_epsilon"] = self.client_epsilon(a.cid)
+                a.client["dp_epsilon"] = self.privacy.client_epsilon(a.cid)
         if len(accepted) < self.cfg.min_replies:
             self.record.fail(None, "round", f"only {len(accepted)} valid replies, min_replies={self.cfg.min_replies}: "
                                             "nothing aggregated, global state unchanged")
@@ -460,11 +278,8 @@ class HeteroLoRAStrategy(Strategy):
         tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
         with one_thread():  # reductions split across threads round differently under load: bit-reproducible
             t0 = time.perf_counter()
-            if self.cfg.dp_mode == "central":  # the noisy sums of clipped deltas, noise seeded by the round
-                new_state = self.method.private_aggregate(self.state, tasks, updates,
-                                                          rng.torch_generator("dp_noise", self.cfg.seed, server_round))
-            else:
-                new_state = self.method.aggregate(self.state, tasks, updates)
+            generator = rng.torch_generator("dp_noise", self.cfg.seed, server_round)  # central DP's noise
+            new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator)
             self.record.agg_s = time.perf_counter() - t0
             if not self.finite(new_state):
                 return None, None
@@ -474,31 +289,6 @@ class HeteroLoRAStrategy(Strategy):
         return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
                                                         "bytes-down": self.record.bytes_down})
 
-    def finite(self, new_state: State) -> bool:
-        """False (recorded) when aggregation made a value NaN or Inf: such a state never replaces the global one."""
-        broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
-        if broken is not None:
-            self.record.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
-                                            "global state unchanged")
-        return broken is None
-
-    def released(self) -> None:
-        """The round's aggregate replaces the global state: recorded, and one accountant step per release."""
-        self.record.aggregated = True
-        if self.accountant is not None:
-            self.accountant.step()
-            self.record.dp_epsilon = self.dp_epsilon()
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # the global model is evaluated centrally (evaluate_fn) on the server's held-out split
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
-
-    def summary(self) -> None:
-        pass
-
-    # ------------------------------------------------------------ replies: parse, check, measure
     def collect(self, replies: Iterable[Message]) -> list[Accepted]:
         """The valid replies of this attempt, in client-id order; every rejection is recorded with its reason.
 
@@ -519,16 +309,17 @@ class HeteroLoRAStrategy(Strategy):
                 rec.bytes_up += nbytes(update.arrays)
                 self.check_reply(task, update)
                 self.check_claim(cid, update)
-                reply_ok = Accepted(cid, task, update, metrics)
-                reply_ok.client = reply_ok.describe(self.method.rank)  # a metric that can't be read rejects it here
-                reply_ok.client["delta_norm"] = self.delta_norm(task, update)
+                ok = Accepted(cid, task, update, metrics)
+                ok.client = client_line(cid, int(task.config.get("rank", self.method.rank)), metrics,
+                                        update.num_samples, nbytes(task.arrays), nbytes(update.arrays))
+                ok.client["delta_norm"] = self.delta_norm(task, update)
             except UpdateRejected as e:
                 rec.fail(cid, "validate", str(e))
                 continue
             except Exception as e:  # whatever a broken reply makes the checks raise: rejected, never a crash
                 rec.fail(cid, "validate", f"malformed reply ({type(e).__name__}: {e})")
                 continue
-            accepted.append(reply_ok)
+            accepted.append(ok)
         for node, (cid, _) in self._pending.items():
             if node not in seen:
                 rec.fail(cid, "train", "no reply within the timeout")
@@ -537,24 +328,17 @@ class HeteroLoRAStrategy(Strategy):
         rec.clients = [a.client for a in accepted]
         return accepted
 
-    def measure(self, old: State, new: State, accepted: list[Accepted]) -> None:
-        """The round's noise figures, both families (docs/method.md), and the weighted train loss, into the record.
+    def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
+        """Every check before aggregation (``aggregation.validate_update``, the same rules for every method)."""
+        self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
 
-        Function level: mean over clients of ||dW_global - dW_start||_F and ||sum_i w_i B_i A_i - B A||_F.
-        The paper's: sum over clients of ||A - A_i||_F + ||B - B_i||_F, and ||dW* - B A||_F (the method's dW*).
-        """
-        tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
-        weights = self.method.client_weights(updates)
-        g_old, g_new = self.method.global_factors(old), self.method.global_factors(new)
-        rec = self.record
-        rec.fn_init_noise = float(np.mean([init_noise(g_old, self.method.client_start_factors(t)) for t in tasks]))
-        rec.fn_agg_noise = aggregation_noise(
-            weights, [self.method.client_end_factors(t, u) for t, u in zip(tasks, updates)], g_new)
-        rec.paper_init_noise = paper_init_noise(self.method.global_pairs(old),
-                                                [self.method.client_start_pairs(t) for t in tasks])
-        rec.paper_agg_noise = paper_aggregation_noise(self.method.paper_ideal_factors(old, tasks, updates), g_new)
-        losses = [a.loss for a in accepted]
-        self.record.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
+    def check_claim(self, cid: int, update: ClientUpdate) -> None:
+        """A reply may not claim more samples than its client declared in this round's query: the sample count
+        weights its update, so an inflated claim (attacks.py, ``inflate``) would let one client outweigh all others
+        while every array looks honest. An honest client reports exactly the partition size it declared."""
+        declared = self._declared.get(cid)
+        if declared is not None and update.num_samples > declared:
+            raise UpdateRejected(f"claims {update.num_samples} samples, more than the {declared} its query declared")
 
     def delta_norm(self, task: ClientTask, update: ClientUpdate) -> float | None:
         """The L2 norm of what the client's training changed (``method.update_delta``), for the history: the scale
@@ -564,20 +348,91 @@ class HeteroLoRAStrategy(Strategy):
         except NotImplementedError:
             return None
 
-    def check_claim(self, cid: int, update: ClientUpdate) -> None:
-        """A reply may not claim more samples than its client declared in this round's query.
+    def measure(self, old: State, new: State, accepted: list[Accepted]) -> None:
+        """The round's noise figures, both families (``history.measure_round``), and the weighted train loss."""
+        tasks, updates = [a.task for a in accepted], [a.update for a in accepted]
+        self.record.measured(measure_round(self.method, old, tasks, new, updates), [a.loss for a in accepted],
+                             self.method.client_weights(updates))
 
-        The sample count weights a client's update in the average, so an inflated claim (attacks.py,
-        ``inflate``) would let one client outweigh all others while every array looks honest. The
-        query's ``num-examples`` is the partition size the client declared before it was given work;
-        the count it reports after training must not exceed it (an honest client reports exactly it).
-        """
-        declared = self._declared.get(cid)
-        if declared is not None and update.num_samples > declared:
-            raise UpdateRejected(f"claims {update.num_samples} samples, more than the {declared} its query declared")
+    def finite(self, new_state: State) -> bool:
+        """False (recorded) when aggregation made a value NaN or Inf: such a state never replaces the global one."""
+        broken = next((k for k, v in new_state.items() if not bool(torch.isfinite(v).all())), None)
+        if broken is not None:
+            self.record.fail(None, "round", f"aggregation made {broken} NaN or Inf: nothing aggregated, "
+                                            "global state unchanged")
+        return broken is None
 
-    def check_reply(self, task: ClientTask, update: ClientUpdate) -> None:
-        """Every check before aggregation: the method's ``validate_update``, whose rules are the same for
-        every method (the reply declares exactly the work it was given, then keys, shapes, the declared
-        upload dtype, finiteness, the sample count and the norm bound)."""
-        self.method.validate_update(task, update, self.state, self.cfg.max_update_norm)
+    def released(self) -> None:
+        """The round's aggregate replaces the global state: recorded, and one accountant step per release."""
+        self.record.aggregated = True
+        if self.accountant is not None:
+            self.privacy.released()
+            self.record.dp_epsilon = self.dp_epsilon()
+
+    # ------------------------------------------------------------ secure aggregation (secure.py's ``SecureHost``)
+    @property
+    def pending(self) -> dict[int, tuple[int, ClientTask]]:
+        """This attempt's sampled clients: Flower node -> (client id, task)."""
+        return self._pending
+
+    def secure_tasks(self, server_round: int, attempt: int, arrays: ArrayRecord, grid: Grid) -> list[tuple[int, Any]]:
+        """(node, FitIns) for this attempt's clients: the same sampling, budgets and tasks as a plain round, the
+        upload's layout and the weight scale (the largest sample count the round's clients declared)."""
+        pairs = self.round_tasks(server_round, arrays, attempt, grid)
+        shapes = layout(self.state, self.method.rank)
+        scale = float(max((info.num_samples for info, _ in pairs), default=1))
+        return [(self.nodes[info.cid], secure_fitins(task, self.setup, server_round, attempt, shapes, scale))
+                for info, task in pairs]
+
+    def secure_result(self, server_round: int, results: list, traffic: dict[int, tuple[int, int]]
+                      ) -> ArrayRecord | None:
+        """The new global state from the unmasked aggregate of the K clients whose vectors SecAgg+ summed, or
+        None (recorded) when it cannot be used. ``results``: (proxy, FitRes) with the aggregate as parameters and
+        each client's plain scalar metrics, never a client's own pairs; ``traffic``: node -> (bytes down, up)."""
+        rec = self.record
+        survivors = sorted((*self._pending[proxy.node_id], proxy.node_id, dict(fitres.metrics))
+                           for proxy, fitres in results)
+        rec.clients = [client_line(cid, int(task.config.get("rank", self.method.rank)), metrics,
+                                   self._declared.get(cid), *traffic.get(node, (0, 0)), strict=False)
+                       for cid, task, node, metrics in survivors]
+        if self.cfg.dp_mode == "local":
+            for line in rec.clients:
+                line["dp_epsilon"] = self.privacy.client_epsilon(line["cid"])
+        if len(survivors) < self.cfg.min_replies:
+            rec.fail(None, "round", f"only {len(survivors)} clients survived secure aggregation, min_replies="
+                                    f"{self.cfg.min_replies}: nothing aggregated, global state unchanged")
+            return None
+        tasks = [task for _, task, _, _ in survivors]
+        with one_thread():
+            t0 = time.perf_counter()
+            try:
+                sums, clients = unmasked_sums(results, layout(self.state, self.method.rank))
+                generator = rng.torch_generator("dp_noise", self.cfg.seed, server_round)
+                new_state = secure_decode(self.method, self.state, sums, clients, self.reducer, generator)
+            except Exception as e:
+                rec.fail(None, "round", f"the unmasked aggregate cannot be used ({type(e).__name__}: {e}): nothing "
+                                        "aggregated, global state unchanged")
+                return None
+            rec.agg_s = time.perf_counter() - t0
+            if not self.finite(new_state):
+                return None
+            weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
+            rec.measured(measure_round(self.method, self.state, tasks), [c["train_loss"] for c in rec.clients],
+                         weights)
+            rec.measure_s = time.perf_counter() - t0 - rec.agg_s
+        self.released()
+        return state_to_arrays(new_state)
+
+    # ------------------------------------------------------------ evaluation is central (evaluate_fn)
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # the global model is evaluated centrally (evaluate_fn) on the server's held-out split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        pass
+
+
+__all__ = ["Accepted", "HeteroLoRAStrategy", "RoundRecord", "arrays_to_state", "noise_entry", "one_thread",
+           "run_reducer", "state_to_arrays", "untimed"]

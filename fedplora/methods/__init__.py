@@ -1,5 +1,10 @@
-"""Federated LoRA methods, one module each, all behind ``FederatedMethod``."""
+"""Federated LoRA methods, one module each, all behind ``FederatedMethod``; the registry builds them from a config.
 
+Adding a method: one module here (its maths, its capabilities and the settings it reads, declared on its class)
+and one line in ``METHODS``.
+"""
+
+from ..adapters import PLoRAConfig
 from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
 from .fedit import FedIT
 from .fedplora import FedPLoRA, select_indices
@@ -12,10 +17,21 @@ METHODS: dict[str, type[FederatedMethod]] = {
 }
 
 
+def plora_config(cfg) -> PLoRAConfig:
+    """The adapter a (validated) RunConfig asks for: global rank R, alpha, targets, dropout, how pairs fold."""
+    return PLoRAConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.targets, dropout=cfg.lora_dropout,
+                       fold=cfg.fold)
+
+
+def build_method(cfg) -> FederatedMethod:
+    """The method a validated RunConfig names, with the settings it reads (``config_options``)."""
+    return METHODS[cfg.method].from_config(cfg, plora_config(cfg))
+
+
 def make_method(name: str, plora, **options) -> FederatedMethod:
-    """The method named by a (validated) RunConfig's ``method``."""
+    """The method called ``name`` with explicit constructor options (library use)."""
     return METHODS[name](plora, **options)
 
 
 __all__ = ["ClientInfo", "ClientTask", "ClientUpdate", "FLoRA", "FedIT", "FedPLoRA", "FederatedMethod", "FlexLoRA",
-           "HetLoRA", "METHODS", "UpdateRejected", "make_method", "select_indices"]
+           "HetLoRA", "METHODS", "UpdateRejected", "build_method", "make_method", "plora_config", "select_indices"]

@@ -8,17 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters.model import A_SUFFIX, B_SUFFIX
-from .base import (
-    ClientInfo,
-    ClientTask,
-    ClientUpdate,
-    LeadingPairsMethod,
-    State,
-    average_heads,
-    layer_names,
-    padded_average,
-)
+from ..state import A_SUFFIX, B_SUFFIX, State, layer_names
+from .base import DEFAULT_WEIGHTING, ClientInfo
+from .pairs import LeadingPairsMethod
 
 
 class FedIT(LeadingPairsMethod):
@@ -37,9 +29,9 @@ class FedIT(LeadingPairsMethod):
 
     name = "fedit"
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, variant: str = "ideal",
-                 min_rank: int | None = None, aggregator=None, dp=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator, dp)
+    def __init__(self, plora, weighting: str = DEFAULT_WEIGHTING, seed: int = 0, variant: str = "ideal",
+                 min_rank: int | None = None) -> None:
+        super().__init__(plora, weighting, seed)
         self.ignores_budgets = variant == "ideal"
         if variant == "ideal":
             if min_rank is not None:
@@ -52,11 +44,15 @@ class FedIT(LeadingPairsMethod):
             self.train_rank = min_rank
         self.variant = variant
 
+    @classmethod
+    def config_options(cls, cfg) -> dict:
+        """``fedit_variant``; "feasible" trains every client at the smallest budget of the profile (``ranks``)."""
+        return {"variant": cfg.fedit_variant, "min_rank": min(cfg.ranks) if cfg.fedit_variant == "feasible" else None}
+
     def describe(self) -> str:
-        robust = f", aggregator {self.aggregator.describe()}" if self.robust else ""
         if self.variant == "ideal":
-            return f"fedit-ideal (every client at rank R={self.rank}, budgets ignored{robust})"
-        return f"fedit-feasible (every client at the smallest budget, rank {self.train_rank} of R={self.rank}{robust})"
+            return f"fedit-ideal (every client at rank R={self.rank}, budgets ignored)"
+        return f"fedit-feasible (every client at the smallest budget, rank {self.train_rank} of R={self.rank})"
 
     def init_state(self, model: nn.Module) -> State:
         state = super().init_state(model)
@@ -71,16 +67,8 @@ class FedIT(LeadingPairsMethod):
                              "min_rank must be the smallest budget in the federation")
         return self.train_rank
 
-    def dp_pair_counts(self):
+    # aggregation: FedAvg of A and B per pair (the base's pair mean; every client trains pairs 0..train_rank-1,
+    # the pairs beyond are held by nobody and stay zero)
+    def dp_pair_counts(self, dp):
         """Central DP: every sampled client trains pairs 0..train_rank-1 (R for "ideal"); nobody the rest."""
-        return self.dp.pair_counts(self.rank, "leading", budgets=[self.train_rank])
-
-    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
-        if not updates:
-            return dict(state)
-        if self.robust:  # per pair index; the pairs beyond train_rank are held by nobody and stay zero
-            return self.robust_aggregate(state, updates)
-        weights = self.client_weights(updates)
-        new = padded_average(state, updates, {layer: weights for layer in layer_names(state)})
-        new.update(average_heads(state, updates, weights))
-        return new
+        return dp.pair_counts(self.rank, "leading", budgets=[self.train_rank])

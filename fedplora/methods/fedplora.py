@@ -27,17 +27,7 @@ from .. import rng
 from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import LayerFactors, LayerPairs, per_pair_mean_of_products
-from .base import (
-    ClientInfo,
-    ClientTask,
-    ClientUpdate,
-    FederatedMethod,
-    State,
-    average_heads,
-    head_keys,
-    layer_names,
-    robust_pair_aggregate,
-)
+from .base import DEFAULT_WEIGHTING, ClientInfo, ClientTask, ClientUpdate, FederatedMethod, State, head_keys, layer_names
 
 
 def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: int, layer: int = 0) -> list[int]:
@@ -51,17 +41,19 @@ def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: in
 class FedPLoRA(FederatedMethod):
     name = "fedplora"
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, selection: str = "shared",
-                 aggregate_over: str = "participants", unselected: str = "fold", aggregator=None,
-                 dp=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator, dp)
+    def __init__(self, plora, weighting: str = DEFAULT_WEIGHTING, seed: int = 0, selection: str = "per_layer",
+                 aggregate_over: str = "participants", unselected: str = "fold") -> None:
+        super().__init__(plora, weighting, seed)
         # the three options of the module docstring; their values are checked by RunConfig
         self.selection, self.aggregate_over, self.unselected = selection, aggregate_over, unselected
 
+    @classmethod
+    def config_options(cls, cfg) -> dict:
+        return {"selection": cfg.selection, "aggregate_over": cfg.aggregate_over, "unselected": cfg.unselected}
+
     def describe(self) -> str:
-        robust = f", aggregator {self.aggregator.describe()}" if self.robust else ""
         return (f"{self.name} (selection {self.selection}, aggregate over {self.aggregate_over}, "
-                f"unselected pairs {'folded' if self.unselected == 'fold' else 'dropped'}{robust})")
+                f"unselected pairs {'folded' if self.unselected == 'fold' else 'dropped'})")
 
     # ------------------------------------------------------------ server side
     def configure_client(self, state: State, client: ClientInfo, server_round: int) -> ClientTask:
@@ -77,54 +69,22 @@ class FedPLoRA(FederatedMethod):
                        for k, name in enumerate(layers)}
         return ClientTask(arrays=dict(state), config={"rank": budget, "indices": indices})
 
-    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
-        if not updates:
-            return dict(state)
-        if self.robust:  # per pair j over Q_j; with "all", a client that did not train j adds a zero delta
-            trained = [task.config["indices"] for task in tasks]
-            return robust_pair_aggregate(self.aggregator, state, updates, trained, self.aggregate_over == "all")
-        raw = [float(u.num_samples) if self.weighting == "samples" else 1.0 for u in updates]
-        new: State = {}
-        for layer in layer_names(state):
-            A_old, B_old = state[layer + A_SUFFIX], state[layer + B_SUFFIX]
-            den = torch.zeros(self.rank, dtype=torch.float64)  # per pair: the weight of the clients it averages over
-            for w, task in zip(raw, tasks):
-                if self.aggregate_over == "all":
-                    den += w
-                else:
-                    den[task.config["indices"][layer]] += w
-            A = torch.zeros_like(A_old, dtype=torch.float64)
-            B = torch.zeros_like(B_old, dtype=torch.float64)
-            for w, task, u in zip(raw, tasks, updates):
-                idx = torch.tensor(task.config["indices"][layer], dtype=torch.long)
-                coef = w / den[idx]
-                A[idx] += coef[:, None] * u.arrays[layer + A_SUFFIX].double()
-                B[:, idx] += coef[None, :] * u.arrays[layer + B_SUFFIX].double()
-                if self.aggregate_over == "all":  # the pairs it did not train count at their global value
-                    rest = torch.ones(self.rank, dtype=torch.bool)
-                    rest[idx] = False
-                    A[rest] += (w / den[rest])[:, None] * A_old[rest].double()
-                    B[:, rest] += (w / den[rest])[None, :] * B_old[:, rest].double()
-            untouched = den == 0  # a pair nobody trained keeps its previous value
-            A[untouched] = A_old[untouched].double()
-            B[:, untouched] = B_old[:, untouched].double()
-            new[layer + A_SUFFIX], new[layer + B_SUFFIX] = A.to(A_old.dtype), B.to(B_old.dtype)
-        new.update(average_heads(state, updates, self.client_weights(updates)))
-        return new
-
-    # central DP (base.private_aggregate): pair j summed over the clients that drew it, divided by the count the
-    # selection rule expects: m * sum_g p_g r_g / R for a random draw, the clients whose budget covers j for "fixed",
-    # every sampled client with aggregate_over="all" (a client that did not draw j adds a zero delta to its sum)
+    # ------------------------------------------------------------ aggregation: pair j over the clients in Q_j
+    # The mean: pair j moves by the weighted mean of its trainers' changes (participants) or of every sampled
+    # client's, one that did not draw j adding a zero change (all); a pair nobody drew keeps its value. Robust
+    # rules per pair over the same clients. Central DP: pair j summed over those clients, divided by the count the
+    # selection rule expects: m * sum_g p_g r_g / R for a random draw, the clients whose budget covers j for
+    # "fixed", every sampled client with aggregate_over="all".
     def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
         return task.config["indices"]
 
-    def secure_counts_everyone(self) -> bool:
+    def counts_everyone(self) -> bool:
         return self.aggregate_over == "all"
 
-    def dp_pair_counts(self) -> torch.Tensor:
-        selection = ("everyone" if self.aggregate_over == "all" else
+    def dp_pair_counts(self, dp) -> torch.Tensor:
+        selection = ("everyone" if self.counts_everyone() else
                      "leading" if self.selection == "fixed" else "random")
-        return self.dp.pair_counts(self.rank, selection)
+        return dp.pair_counts(self.rank, selection)
 
     # ------------------------------------------------------------ client side
     def client_setup(self, model: nn.Module, task: ClientTask) -> None:

@@ -5,18 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..robust import ProductDelta, client_coefficients
-from .base import (
-    ClientTask,
-    ClientUpdate,
-    LeadingPairsMethod,
-    State,
-    average_heads,
-    head_keys,
-    layer_names,
-    stack_pairs,
-)
+from ..state import A_SUFFIX, B_SUFFIX, State, head_keys, layer_names
+from .base import DEFAULT_WEIGHTING, ClientTask, ClientUpdate
+from .pairs import LeadingPairsMethod, average_heads, stack_pairs
 
 
 def _to_rank(US: torch.Tensor, V: torch.Tensor, rank: int,
@@ -56,7 +48,7 @@ def dense_svd_truncation(X: torch.Tensor, Y: torch.Tensor, rank: int, generator:
 
 
 class FlexLoRA(LeadingPairsMethod):
-    """The server forms dW = sum_i w_i s B_i A_i (``weighting``, samples by default)
+    """The server forms dW = sum_i w_i s B_i A_i (``weighting``)
     and keeps its rank-R truncated SVD as the global state: B = U_R S_R / s and
     A = V_R^T, so that s B A is the truncation under the common scale s.
 
@@ -71,23 +63,27 @@ class FlexLoRA(LeadingPairsMethod):
     """
 
     name = "flexlora"
+    space = "products"
+    aggregators = ("mean", "norm_clip", "krum")
+    aggregator_refusal = ("FlexLoRA combines the clients' products B_i A_i, and a coordinate-wise statistic of them "
+                          "needs a dense d_out x d_in matrix per client and layer (of the factors it would not be "
+                          "FlexLoRA)")
     dp_refusal = ("it aggregates the clients' products B_i A_i, so the Gaussian noise would go on a dense "
-                  "d_out x d_in sum per layer, not on pairs; use dp_mode local")
+                  "d_out x d_in sum per layer, not on pairs")
     secure_refusal = ("its server takes the SVD of the sum of the clients' products B_i A_i, which a sum of their "
                       "factors does not give")
 
-    def __init__(self, plora, weighting: str = "samples", seed: int = 0, svd: str = "qr", aggregator=None,
-                 dp=None) -> None:
-        super().__init__(plora, weighting, seed, aggregator, dp)
+    def __init__(self, plora, weighting: str = DEFAULT_WEIGHTING, seed: int = 0, svd: str = "qr") -> None:
+        super().__init__(plora, weighting, seed)
         if svd not in ("qr", "dense"):
             raise ValueError(f"svd must be 'qr' (stacked factors) or 'dense' (reference), got {svd!r}")
         self.svd = svd
 
-    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
-        if not updates:
-            return dict(state)
-        if self.robust:
-            return self.robust_flexlora(state, tasks, updates)
+    def combine(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate], aggregator) -> State:
+        """The weighted product-space mean, truncated to rank R; a whole-client rule (``robust_flexlora``) instead
+        where ``aggregator`` is one."""
+        if aggregator.name != "mean":
+            return self.robust_flexlora(state, tasks, updates, aggregator)
         weights, s = self.client_weights(updates), self.plora.scale
         truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
         generator = rng.torch_generator("svd", self.seed)
@@ -100,7 +96,7 @@ class FlexLoRA(LeadingPairsMethod):
         new.update(average_heads(state, updates, weights))
         return new
 
-    def robust_flexlora(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
+    def robust_flexlora(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate], aggregator) -> State:
         """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
 
         Client i's delta is s (B_i A_i - B0_i A0_i), B0_i A0_i the rank-r_i truncation it was sent (its task's
@@ -115,7 +111,7 @@ class FlexLoRA(LeadingPairsMethod):
                                 for layer in layer_names(state)},
                                {k: u.arrays[k].double() - state[k].double() for k in head_keys(state)})
                   for t, u in zip(tasks, updates)]
-        weights, scales = client_coefficients(self.aggregator, deltas)
+        weights, scales = client_coefficients(aggregator, deltas)
         truncate = svd_truncation if self.svd == "qr" else dense_svd_truncation
         generator = rng.torch_generator("svd", self.seed)
         new: State = {}

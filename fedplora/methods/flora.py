@@ -13,20 +13,11 @@ from torch import nn
 from .. import rng
 from ..adapters import get_plora_state_dict, plora_layers, select_and_fold, set_plora_state_dict
 from ..adapters.layer import init_pairs_A_
-from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import LayerFactors, LayerPairs
 from ..robust import ProductDelta, client_coefficients
-from .base import (
-    ClientInfo,
-    ClientTask,
-    ClientUpdate,
-    FederatedMethod,
-    State,
-    average_heads,
-    head_keys,
-    leading_pairs,
-    stack_pairs,
-)
+from ..state import A_SUFFIX, B_SUFFIX, State, head_keys
+from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod
+from .pairs import average_heads, leading_pairs, stack_pairs
 
 DELTA_SUFFIX = ".flora_delta"
 
@@ -43,6 +34,33 @@ def fresh_generator(init_seed: list[int], layer_index: int) -> torch.Generator:
     """The generator of one layer's fresh A: one seed, the round and the client fix every draw."""
     seed, server_round, cid = init_seed
     return rng.torch_generator("flora_init", seed, server_round, cid, layer_index)
+
+
+def export_dense(model: nn.Module, dense: dict[str, torch.Tensor], heads: State, path,
+                 base_model_name_or_path: str | None = None):
+    """A global model W0 + D_layer (+ heads) as a standard PEFT LoRA: each dense D exactly, by its SVD truncated to
+    its numerical rank K (the largest K over layers, scale 1). For methods whose global model is not a rank-R
+    LoRA (FLoRA's merged stack, FedEx-LoRA's residual)."""
+    from ..adapters import PLoRAConfig, export_peft_adapter, get_plora_model, unwrap_base_copy
+
+    factors = {}
+    for layer, D in dense.items():
+        U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+        keep = int((S > S.max().clamp_min(1e-30) * 1e-7).sum()) if S.numel() else 0
+        factors[layer] = (U[:, :keep] * S[:keep], Vh[:keep])
+    k = max(1, max(B.shape[1] for B, _ in factors.values()))
+    base = unwrap_base_copy(model)
+    cfg = PLoRAConfig(rank=k, alpha=float(k), target_modules=sorted(factors), modules_to_save=list(model.plora_heads))
+    export_model = get_plora_model(base, cfg)
+    pairs = {}
+    for layer, (B, A) in factors.items():
+        Bk = torch.zeros(B.shape[0], k, dtype=torch.float64)
+        Ak = torch.zeros(k, A.shape[1], dtype=torch.float64)
+        Bk[:, : B.shape[1]], Ak[: A.shape[0]] = B, A
+        dtype = dense[layer].dtype
+        pairs[layer + A_SUFFIX], pairs[layer + B_SUFFIX] = Ak.to(dtype), Bk.to(dtype)
+    set_plora_state_dict(export_model, pairs | heads)
+    return export_peft_adapter(export_model, path, base_model_name_or_path)
 
 
 class FLoRA(FederatedMethod):
@@ -64,8 +82,13 @@ class FLoRA(FederatedMethod):
     """
 
     name = "flora"
+    space = "products"
+    aggregators = ("mean", "norm_clip", "krum")
+    aggregator_refusal = ("FLoRA's clients train fresh adapters with their own random A, so their factors share no "
+                          "coordinates, and a coordinate-wise statistic of the products needs a dense d_out x d_in "
+                          "matrix per client and layer")
     dp_refusal = ("it stacks the clients' fresh adapters into a dense d_out x d_in sum per layer, so there are no "
-                  "shared pairs to sum and noise; use dp_mode local")
+                  "shared pairs to sum and noise")
     secure_refusal = ("its server stacks every client's own fresh adapter, so it needs each client's pairs, "
                       "not their sum")
 
@@ -83,11 +106,11 @@ class FLoRA(FederatedMethod):
         config = {"rank": self.client_rank(client), "init_seed": [self.seed, server_round, client.cid]}
         return ClientTask(arrays=dict(state), config=config)
 
-    def aggregate(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate]) -> State:
-        if not updates:
-            return dict(state)
-        if self.robust:
-            return self.robust_flora(state, updates)
+    def combine(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate], aggregator) -> State:
+        """D gains the stacked weighted mean of the clients' products; a whole-client rule (``robust_flora``)
+        instead where ``aggregator`` is one."""
+        if aggregator.name != "mean":
+            return self.robust_flora(state, updates, aggregator)
         weights = self.client_weights(updates)
         new: State = {}
         for layer, D in _deltas(state).items():
@@ -96,7 +119,7 @@ class FLoRA(FederatedMethod):
         new.update(average_heads(_heads(state), updates, weights))
         return new
 
-    def robust_flora(self, state: State, updates: list[ClientUpdate]) -> State:
+    def robust_flora(self, state: State, updates: list[ClientUpdate], aggregator) -> State:
         """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
 
         Client i starts from B = 0, so its delta is s B_i A_i (plus its heads' deltas); norms and distances come
@@ -107,7 +130,7 @@ class FLoRA(FederatedMethod):
         deltas = [ProductDelta({layer: [(s, u.arrays[layer + B_SUFFIX], u.arrays[layer + A_SUFFIX])]
                                 for layer in _deltas(state)},
                                {k: u.arrays[k].double() - heads[k].double() for k in heads}) for u in updates]
-        weights, scales = client_coefficients(self.aggregator, deltas)
+        weights, scales = client_coefficients(aggregator, deltas)
         kept = [(w * c, u) for w, c, u in zip(weights, scales, updates) if w]
         new: State = {}
         for layer, D in _deltas(state).items():
@@ -159,27 +182,8 @@ class FLoRA(FederatedMethod):
         select_and_fold(model, range(self.rank))
 
     def export_adapter(self, model: nn.Module, state: State, path, base_model_name_or_path: str | None = None):
-        """D is not rank R: export it exactly as a PEFT LoRA of its numerical rank K (SVD, scale 1)."""
-        from ..adapters import PLoRAConfig, export_peft_adapter, get_plora_model, unwrap_base_copy
-
-        factors = {}
-        for layer, D in _deltas(state).items():
-            U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
-            keep = int((S > S.max().clamp_min(1e-30) * 1e-7).sum()) if S.numel() else 0
-            factors[layer] = (U[:, :keep] * S[:keep], Vh[:keep])
-        k = max(1, max(B.shape[1] for B, _ in factors.values()))
-        base = unwrap_base_copy(model)
-        cfg = PLoRAConfig(rank=k, alpha=float(k), target_modules=sorted(factors), modules_to_save=list(model.plora_heads))
-        export_model = get_plora_model(base, cfg)
-        pairs = {}
-        for layer, (B, A) in factors.items():
-            Bk = torch.zeros(B.shape[0], k, dtype=torch.float64)
-            Ak = torch.zeros(k, A.shape[1], dtype=torch.float64)
-            Bk[:, : B.shape[1]], Ak[: A.shape[0]] = B, A
-            dtype = state[layer + DELTA_SUFFIX].dtype
-            pairs[layer + A_SUFFIX], pairs[layer + B_SUFFIX] = Ak.to(dtype), Bk.to(dtype)
-        set_plora_state_dict(export_model, pairs | _heads(state))
-        return export_peft_adapter(export_model, path, base_model_name_or_path)
+        """D is not rank R: export it exactly as a PEFT LoRA of its numerical rank K (``export_dense``)."""
+        return export_dense(model, _deltas(state), _heads(state), path, base_model_name_or_path)
 
     # ------------------------------------------------------------ measurement
     def global_factors(self, state: State) -> LayerFactors:

@@ -186,9 +186,10 @@ def measured(method, old, new, tasks, updates) -> dict[str, float]:
 def outputs(cfg, state, tasks, updates) -> dict:
     """Every server-side output the method defines on these inputs (keys name the path)."""
     from fedplora import rng
-    from fedplora.federation.client_app import central_dp
+    from fedplora.aggregation import reducer_for, refusal, secure_decode, secure_upload
+    from fedplora.federation.accounting import central_dp
     from fedplora.privacy import update_norm
-    from fedplora.robust import Aggregator, refusal
+    from fedplora.robust import Aggregator
 
     out: dict = {}
     method = method_for(cfg)
@@ -196,28 +197,26 @@ def outputs(cfg, state, tasks, updates) -> dict:
     out["aggregate/mean"] = new
     out["measure"] = measured(method, state, new, tasks, updates)
     for rule in ROBUST:
-        if refusal(rule, cfg.method) is None:
+        if refusal(method, rule) is None:
             agg = Aggregator(rule, 0.34 if rule == "trimmed_mean" else cfg.trim_fraction, 1.5, 0, 1)
-            out[f"aggregate/{rule}"] = method_for(cfg, aggregator=agg).aggregate(state, tasks, updates)
+            out[f"aggregate/{rule}"] = method.aggregate(state, tasks, updates, agg)
     try:
         out["delta_norm"] = [update_norm(method.update_delta(t, u)) for t, u in zip(tasks, updates)]
     except NotImplementedError:
         pass
-    dp_cfg = cfg.with_overrides(**DP)
-    dp_method = method_for(cfg, dp=central_dp(dp_cfg)) if method.dp_refusal is None and cfg.method not in (
-        "flexlora", "flora") else None
-    if dp_method is not None:
-        out["private"] = dp_method.private_aggregate(state, tasks, updates, rng.torch_generator("dp_noise", 11, 2))
+    dp = central_dp(cfg.with_overrides(**DP)) if method.dp_refusal is None else None
+    if dp is not None:
+        out["private"] = method.aggregate(state, tasks, updates, dp, rng.torch_generator("dp_noise", 11, 2))
     if method.secure_refusal is None:
         scale = float(max(u.num_samples for u in updates))
-        for name, m, clip in (("secure", method, None), ("secure_dp", dp_method, DP["dp_clip"])):
-            if m is None:
+        for name, how, clip in (("secure", None, None), ("secure_dp", dp, DP["dp_clip"])):
+            if name == "secure_dp" and dp is None:
                 continue
-            enc = [m.secure_encode(t, u, scale, clip) for t, u in zip(tasks, updates)]
+            enc = [secure_upload(method, t, u, scale, clip) for t, u in zip(tasks, updates)]
             sums = {k: sum(e[k] for e in enc) for k in enc[0]}
             gen = rng.torch_generator("dp_noise", 11, 2) if clip is not None else None
             out[name + "/sums"] = sums
-            out[name] = m.secure_aggregate(state, tasks, sums, len(enc), gen)
+            out[name] = secure_decode(method, state, sums, len(enc), reducer_for(method, how), gen)
     return out
 
 
