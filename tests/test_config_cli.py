@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fedplora import config as config_module
+from fedplora import config_schema
 from fedplora.cli import add_setting_flags, build_parser, config_from_args, main
 from fedplora.config import SETTINGS, ConfigError, RunConfig, setting
 from fedplora.errors import CheckpointError, DataError, FedploraError, UpdateRejected
@@ -142,7 +143,7 @@ def test_every_flag_sets_its_setting(tmp_path):
     # a quantized base refuses fold=merge, target_epsilon chooses dp_noise_multiplier, secure aggregation refuses
     # flora and max_update_norm: checked on their own below
     apart = {"quantization", "target_epsilon", "secure_aggregation", "secure_shares", "secure_threshold",
-             "secure_clip", "secure_quantization"}
+             "secure_clip", "secure_quantization", "server_optimizer", "server_lr"}  # a server optimizer refuses flora
     for s in SETTINGS:
         if s.name in apart:
             continue
@@ -169,6 +170,13 @@ def test_every_flag_sets_its_setting(tmp_path):
     assert (secure.secure_aggregation, secure.secure_shares, secure.secure_threshold, secure.secure_clip,
             secure.secure_quantization) == (True, 0.5, 0.9, 4.0, 4096)
     assert RunConfig.from_toml(_write(tmp_path / "secure.toml", secure.to_toml())) == secure
+    adam = config_from_args(build_parser().parse_args(["run", "--server-optimizer", "adam", "--server-lr", "0.05"]))
+    assert (adam.server_optimizer, adam.server_lr) == ("adam", 0.05)
+    assert RunConfig.from_toml(_write(tmp_path / "adam.toml", adam.to_toml())) == adam
+    with pytest.raises(ConfigError, match="server_optimizer: adam steps each pair .* flora aggregates in product"):
+        config_from_args(build_parser().parse_args(["run", "--method", "flora", "--server-optimizer", "adam"]))
+    with pytest.raises(ConfigError, match="server_lr: is set but server_optimizer is none"):
+        config_from_args(build_parser().parse_args(["run", "--server-lr", "0.1"]))
 
 
 def test_toml_round_trip_with_awkward_strings(tmp_path):
@@ -240,7 +248,7 @@ def test_adding_a_setting_is_one_declaration(tmp_path):
         compile: bool = setting(False, "torch.compile the model")
         scale: float | None = setting(None, "a bound", gt=0)
 
-    specs = config_module._settings(Extra)
+    specs = config_schema.settings_of(Extra)
     parser = argparse.ArgumentParser()
     add_setting_flags(parser, specs)
     args = parser.parse_args(["--device", "cuda", "--compile", "--scale", "2"])
@@ -249,21 +257,21 @@ def test_adding_a_setting_is_one_declaration(tmp_path):
     device, flag, scale = specs
     assert device.problem("tpu") == "must be 'cpu' or 'cuda', got 'tpu' (--device)"
     assert flag.problem(1) and flag.problem(True) is None and scale.problem(None) is None
-    assert config_module._toml_value(True) == "true"
+    assert config_schema.toml_value(True) == "true"
 
     @dataclasses.dataclass
     class Undeclared:
         x: int = 3
 
     with pytest.raises(TypeError, match="setting"):
-        config_module._settings(Undeclared)
+        config_schema.settings_of(Undeclared)
 
     @dataclasses.dataclass
     class OptionalWithDefault:
         x: int | None = setting(3, "x")
 
     with pytest.raises(TypeError, match="defaults to None"):
-        config_module._settings(OptionalWithDefault)
+        config_schema.settings_of(OptionalWithDefault)
 
 
 # ------------------------------------------------------------ local path or hub name

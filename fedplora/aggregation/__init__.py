@@ -25,7 +25,8 @@ from .contributions import (
 )
 from .pipeline import aggregate, check_secure_sums, reducer_for, refusal, secure_decode, secure_upload
 from .reducers import Mean, Private, Reducer, Robust, dp_upload
+from .server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 
 __all__ = ["COUNT_SUFFIX", "Contribution", "HEADS_COUNT", "HEADS_WEIGHT", "MEAN", "Mean", "Private", "Reduced",
            "Reducer", "Robust", "STEPS", "SUMS", "WEIGHT_SUFFIX", "aggregate", "apply_heads", "apply_mean", "apply_sums", "check_secure_sums", "deltas_in_layout",
-           "dp_upload", "layout", "pair_contribution", "reducer_for", "refusal", "secure_decode", "secure_upload"]
+           "dp_upload", "SERVER_OPTIMIZERS", "ServerOptimizer", "layout", "pair_contribution", "reducer_for", "refusal", "secure_decode", "secure_upload"]

@@ -18,6 +18,7 @@ from ..robust import AGGREGATORS, Aggregator
 from ..state import A_SUFFIX, State
 from .contributions import HEADS_COUNT, Reduced, layout, layout_keys
 from .reducers import Mean, Private, Reducer, Robust, dp_upload
+from .server_opt import ServerOptimizer, moved_pairs
 
 
 def refusal(method, aggregator: str) -> str | None:
@@ -49,16 +50,20 @@ def reducer_for(method, how: "Reducer | CentralDP | Aggregator | str | None" = N
 
 
 def aggregate(method, state: State, tasks: list, updates: list, how=None,
-              generator: torch.Generator | None = None) -> State:
+              generator: torch.Generator | None = None, server_opt: ServerOptimizer | None = None) -> State:
     """The new global state from a round's valid replies (client-id order); a new dict, the old one untouched.
 
     ``how``: see ``reducer_for``. ``generator``: central DP's noise (a seeded stream per round,
-    ``rng.torch_generator("dp_noise", seed, round)``). No replies: the state unchanged.
+    ``rng.torch_generator("dp_noise", seed, round)``). ``server_opt``: a server optimizer that steps towards the
+    decoded aggregate (pair space only; ``server_opt.py``). No replies: the state unchanged.
     """
     reducer = how if isinstance(how, Reducer) and not isinstance(how, Private) else reducer_for(method, how)
     if not updates:
         return dict(state)
     if method.space == "products":
+        if server_opt is not None and not server_opt.identity:
+            raise ValueError(f"server optimizer {server_opt.name}: {method.name} aggregates in product space, there "
+                             "are no pairs to step")
         return method.combine(state, tasks, updates, reducer.aggregator)
     if len(tasks) != len(updates):
         raise ValueError(f"aggregate: {len(updates)} updates but {len(tasks)} tasks; pass the task each update answers")
@@ -66,7 +71,15 @@ def aggregate(method, state: State, tasks: list, updates: list, how=None,
     if wrong is not None:
         raise ValueError(f"aggregate: the state holds {state[wrong].shape[0]} pairs in {wrong[: -len(A_SUFFIX)]}, "
                          f"the method's rank is {method.rank}")
-    return method.decode(state, reducer.reduce(method.contributions(state, tasks, updates), generator))
+    reduced = reducer.reduce(method.contributions(state, tasks, updates), generator)
+    return optimize(state, method.decode(state, reduced), reduced, server_opt)
+
+
+def optimize(state: State, new: State, reduced: Reduced, server_opt: ServerOptimizer | None) -> State:
+    """The server optimizer's step towards the decoded aggregate, over the pairs someone contributed to."""
+    if server_opt is None or server_opt.identity:
+        return new
+    return server_opt.step(state, new, moved_pairs(reduced.sums, state))
 
 
 # ------------------------------------------------------------------ secure aggregation (docs/secure-aggregation.md)
@@ -82,7 +95,7 @@ def secure_upload(method, task, update, weight_scale: float, clip: float | None 
 
 
 def secure_decode(method, state: State, sums: State, clients: int, reducer: Reducer,
-                  generator: torch.Generator | None = None) -> State:
+                  generator: torch.Generator | None = None, server_opt: ServerOptimizer | None = None) -> State:
     """The new global state from the element-wise sum of ``clients`` secure uploads (the server never sees one):
     the method's decode of the sums, or with central DP the noisy release of the summed clipped deltas."""
     check_secure_sums(method, state, sums, clients)
@@ -90,7 +103,7 @@ def secure_decode(method, state: State, sums: State, clients: int, reducer: Redu
         reduced = reducer.release(layout(state, method.rank), sums, generator, residue=True)
     else:
         reduced = Reduced(sums)
-    return method.decode(state, reduced)
+    return optimize(state, method.decode(state, reduced), reduced, server_opt)
 
 
 def check_secure_sums(method, state: State, sums: State, clients: int | None = None) -> None:

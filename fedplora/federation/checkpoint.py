@@ -38,6 +38,7 @@ from ..methods.base import State
 
 FORMAT = 1
 FOLDER = "checkpoint"
+OPT_PREFIX = "server_opt::"  # the server optimizer's tensors, stored in the state file beside the state
 RECORD = "checkpoint.json"
 # settings that may differ between the stopped run and its resumption (where the folder now lies)
 MAY_DIFFER = ("out",)
@@ -51,6 +52,7 @@ class Checkpoint:
     elapsed_s: float
     rng: dict[str, Any]
     privacy: dict[str, Any] | None = None  # the privacy accounting (HeteroLoRAStrategy.privacy_state)
+    server_opt: State | None = None  # the server optimizer's moments and step counts
 
 
 def record_path(out: Path) -> Path:
@@ -88,14 +90,18 @@ def restore_rng(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, rnd: int, state: State, history: list[dict[str, Any]], cfg: RunConfig,
-                    model_id: str | None, elapsed_s: float, privacy: dict[str, Any] | None = None) -> Path:
+                    model_id: str | None, elapsed_s: float, privacy: dict[str, Any] | None = None,
+                    server_opt: State | None = None) -> Path:
     """Write the checkpoint of round ``rnd``; the previous one stays valid until this one is complete.
 
-    ``privacy``: the run's privacy accounting (JSON), kept so that a resumed run continues the count exactly."""
+    ``privacy``: the run's privacy accounting (JSON), kept so that a resumed run continues the count exactly;
+    ``server_opt``: the server optimizer's moments and step counts, stored beside the state (``OPT_PREFIX``)."""
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     # contiguous: SVD-based states (FlexLoRA) hold transposed views; clone: no shared storage
-    data = save_tensors({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    tensors.update({OPT_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in (server_opt or {}).items()})
+    data = save_tensors(tensors)
     state_file = folder / f"state-r{rnd:05d}.safetensors"
     _write_atomic(state_file, data)
     record = {"format": FORMAT, "round": rnd, "manifest": manifest(cfg, model_id, state),
@@ -173,6 +179,8 @@ def load_checkpoint(out: Path, cfg: RunConfig, model_id: str | None, reference: 
         state = load_tensors(data)
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise CheckpointError(f"{out / FOLDER / record['state_file']}: unreadable ({e})") from None
+    server_opt = {k[len(OPT_PREFIX):]: v for k, v in state.items() if k.startswith(OPT_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(OPT_PREFIX)}
     for name, layout in (("record", record["manifest"]["state"]), ("state file", manifest(cfg, model_id, state)["state"])):
         if layout != expected["state"]:
             k = next(k for k in sorted(set(layout) | set(expected["state"])) if layout.get(k) != expected["state"].get(k))
@@ -181,7 +189,8 @@ def load_checkpoint(out: Path, cfg: RunConfig, model_id: str | None, reference: 
     state = {k: state[k] for k in reference}  # the run's key order (a safetensors file does not keep it), which
     # a method may read: Fed-PLoRA's per_layer selection numbers the layers in the state's order
     return Checkpoint(round=int(record["round"]), state=state, history=record["history"],
-                      elapsed_s=float(record["elapsed_s"]), rng=record["rng"], privacy=record.get("privacy"))
+                      elapsed_s=float(record["elapsed_s"]), rng=record["rng"], privacy=record.get("privacy"),
+                      server_opt=server_opt)
 
 
 def start_fresh(out: Path) -> None:

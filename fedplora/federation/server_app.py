@@ -53,10 +53,11 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     model = get_plora_model(task.build_model(), plora_config(cfg))
     method = build_method(cfg)
     model_id = getattr(task, "model_path", cfg.model)
-    state, history, elapsed, privacy = method.init_state(model), [], 0.0, None
+    state, history, elapsed, privacy, moments = method.init_state(model), [], 0.0, None, {}
     if resume:  # every check passes before anything in ``out`` is touched
         ckpt = load_checkpoint(out, cfg, model_id, state)
         state, history, elapsed, privacy = ckpt.state, ckpt.history, ckpt.elapsed_s, ckpt.privacy
+        moments = ckpt.server_opt or {}
         restore_rng(ckpt.rng)
     else:
         start_fresh(out)
@@ -69,6 +70,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
     strategy = HeteroLoRAStrategy(method, cfg, progress=progress, attackers=attacks.attackers(cfg))
     if resume:
         strategy.load_privacy_state(privacy)  # the privacy count continues exactly where the checkpoint left it
+        strategy.server_opt.load_state_dict(moments)  # and the server optimizer's moments
 
     progress.status("waiting for clients")
     strategy.discover(grid, timeout=cfg.connect_timeout)
@@ -85,7 +87,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         rnd = entry["round"]
         if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             save_checkpoint(out, rnd, arrays_to_state(arrays), strategy.history, cfg, model_id,
-                            elapsed + time.perf_counter() - t_start, privacy=strategy.privacy_state())
+                            elapsed + time.perf_counter() - t_start, privacy=strategy.privacy_state(),
+                            server_opt=strategy.server_opt.state_dict())
 
     if history:
         progress.status(f"resuming after round {len(history) - 1} (checkpoint in {out})")

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .. import rng
-from ..aggregation import Reducer, aggregate, layout, reducer_for, secure_decode
+from ..aggregation import Reducer, ServerOptimizer, aggregate, layout, reducer_for, secure_decode
 from ..config import RunConfig
 from ..measure import nbytes
 from ..methods import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
@@ -67,6 +67,12 @@ def run_reducer(cfg: RunConfig, method: FederatedMethod) -> Reducer:
                                           cfg.krum_f, cfg.krum_m))
 
 
+def run_server_optimizer(cfg: RunConfig) -> ServerOptimizer:
+    """The run's server optimizer (``server_optimizer``; ``none``: the aggregate itself)."""
+    return ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_beta1,
+                           cfg.server_beta2, cfg.server_tau)
+
+
 class HeteroLoRAStrategy(Strategy):
     """``progress``: where the loop reports what it is doing (``Progress``), or None. ``attackers``: the clients a
     test injected as Byzantine (``attacks.attackers``), recorded in the history for measuring only."""
@@ -74,6 +80,7 @@ class HeteroLoRAStrategy(Strategy):
     def __init__(self, method: FederatedMethod, cfg: RunConfig, progress=None, attackers: Iterable[int] = ()) -> None:
         self.method, self.cfg, self.progress = method, cfg, progress
         self.reducer = run_reducer(cfg, method)  # a combination the method does not define: one line, here
+        self.server_opt = run_server_optimizer(cfg)  # its moments are checkpointed with the state
         self.privacy = PrivacyLedger(cfg)  # with DP: sigma resolved here, once per run
         self.attackers = set(attackers)
         self.state: State = {}  # the global state of the round being configured (from ``arrays``)
@@ -279,9 +286,11 @@ class HeteroLoRAStrategy(Strategy):
         with one_thread():  # reductions split across threads round differently under load: bit-reproducible
             t0 = time.perf_counter()
             generator = rng.torch_generator("dp_noise", self.cfg.seed, server_round)  # central DP's noise
-            new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator)
+            moments = self.server_opt.state_dict()
+            new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator, self.server_opt)
             self.record.agg_s = time.perf_counter() - t0
             if not self.finite(new_state):
+                self.server_opt.load_state_dict(moments)  # a rejected aggregate leaves no trace, moments included
                 return None, None
             self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
@@ -405,16 +414,20 @@ class HeteroLoRAStrategy(Strategy):
         tasks = [task for _, task, _, _ in survivors]
         with one_thread():
             t0 = time.perf_counter()
+            moments = self.server_opt.state_dict()
             try:
                 sums, clients = unmasked_sums(results, layout(self.state, self.method.rank))
                 generator = rng.torch_generator("dp_noise", self.cfg.seed, server_round)
-                new_state = secure_decode(self.method, self.state, sums, clients, self.reducer, generator)
+                new_state = secure_decode(self.method, self.state, sums, clients, self.reducer, generator,
+                                          self.server_opt)
             except Exception as e:
+                self.server_opt.load_state_dict(moments)
                 rec.fail(None, "round", f"the unmasked aggregate cannot be used ({type(e).__name__}: {e}): nothing "
                                         "aggregated, global state unchanged")
                 return None
             rec.agg_s = time.perf_counter() - t0
             if not self.finite(new_state):
+                self.server_opt.load_state_dict(moments)
                 return None
             weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
             rec.measured(measure_round(self.method, self.state, tasks), [c["train_loss"] for c in rec.clients],

@@ -6,14 +6,18 @@ and one line in ``METHODS``.
 
 from ..adapters import PLoRAConfig
 from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod, UpdateRejected
+from .fedexlora import FedExLoRA
 from .fedit import FedIT
 from .fedplora import FedPLoRA, select_indices
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .fslora import FSLoRA
 from .hetlora import HetLoRA
+from .rblora import RBLoRA
 
 METHODS: dict[str, type[FederatedMethod]] = {
     "fedplora": FedPLoRA, "fedit": FedIT, "hetlora": HetLoRA, "flexlora": FlexLoRA, "flora": FLoRA,
+    "fslora": FSLoRA, "rblora": RBLoRA, "fedexlora": FedExLoRA,
 }
 
 
@@ -33,5 +37,5 @@ def make_method(name: str, plora, **options) -> FederatedMethod:
     return METHODS[name](plora, **options)
 
 
-__all__ = ["ClientInfo", "ClientTask", "ClientUpdate", "FLoRA", "FedIT", "FedPLoRA", "FederatedMethod", "FlexLoRA",
-           "HetLoRA", "METHODS", "UpdateRejected", "build_method", "make_method", "plora_config", "select_indices"]
+__all__ = ["ClientInfo", "ClientTask", "ClientUpdate", "FLoRA", "FSLoRA", "FedExLoRA", "FedIT", "FedPLoRA",
+           "FederatedMethod", "FlexLoRA", "HetLoRA", "RBLoRA", "METHODS", "UpdateRejected", "build_method", "make_method", "plora_config", "select_indices"]
