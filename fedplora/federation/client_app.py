@@ -216,7 +216,7 @@ def query(msg: Message, context: Context) -> Message:
     cfg, server_round = _setup(msg)
     cid = client_id(context, cfg)
     rt = runtime(cfg, context)
-    info = {"cid": cid, "budget": client_budget(context, cfg, cid, server_round), "num-examples": len(rt.parts[cid])}
+    info = {"cid": cid, "budget": client_budget(context, cfg, cid, server_round), "num_examples": len(rt.parts[cid])}
     return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
 

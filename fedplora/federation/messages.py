@@ -7,6 +7,12 @@ Under secure aggregation (``secure_*`` below) a round is Flower's SecAgg+ workfl
 ``FitIns``/``FitRes`` (``flwr.compat``): the task's arrays go as legacy ``Parameters`` in a fixed key order,
 the keys, the upload's layout and the weight scale in the fit config; the reply's parameters are the
 client's ``aggregation.secure_upload`` in layout order, which Flower's ``secaggplus_mod`` masks before it leaves.
+
+Key names: the keys we define inside a message's records (``setup``, ``round``, ``attempt``, ``task``,
+``update``, ``weight_scale``, the metrics ``train_loss``, ``trained_pairs``, ``client_s``, ...) are the Python
+names of what they carry, with underscores, and are read under the same names; the keys of Flower's own
+namespaces keep Flower's dashes (``num-examples``, the sample count Flower's strategies weight a reply by, ``partition-id`` and ``max-rank`` in a node
+config, ``config-file`` in the run config).
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def secure_fitins(task: ClientTask, setup: str, server_round: int, attempt: int,
     parameters = ndarrays_to_parameters([task.arrays[k].detach().cpu().contiguous().numpy() for k in keys])
     config = {"task": json.dumps(task.config), "setup": setup, "round": server_round, "attempt": attempt,
               "keys": json.dumps(keys), "layout": json.dumps([[k, list(s)] for k, s in layout.items()]),
-              "weight-scale": float(weight_scale)}
+              "weight_scale": float(weight_scale)}
     return FitIns(parameters=parameters, config=config)
 
 
@@ -110,7 +116,7 @@ def read_secure_task(content: RecordDict) -> tuple[ClientTask, dict[str, Any], i
     arrays = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in zip(keys, values)}
     layout = {k: tuple(shape) for k, shape in json.loads(str(config["layout"]))}
     return (ClientTask(arrays=arrays, config=json.loads(str(config["task"]))), json.loads(str(config["setup"])),
-            int(config["round"]), int(config["attempt"]), layout, float(config["weight-scale"]))
+            int(config["round"]), int(config["attempt"]), layout, float(config["weight_scale"]))
 
 
 def secure_reply_content(encoded: dict[str, torch.Tensor], layout: dict[str, tuple[int, ...]],

@@ -209,7 +209,7 @@ def secure_round(owner: SecureHost, grid, server_round: int, arrays: ArrayRecord
         return None, None
     if error:  # aggregate_fit ran and then Flower raised: the aggregate stands (it was computed from the sum)
         rec.fail(None, "round", error + " after aggregation")
-    return adapter.outcome, MetricRecord({"bytes-up": rec.bytes_up, "bytes-down": rec.bytes_down})
+    return adapter.outcome, MetricRecord({"bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down})
 
 
 def _halt_reason(cfg, counting: CountingGrid, owner: SecureHost) -> str:

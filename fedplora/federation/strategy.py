@@ -162,7 +162,7 @@ class HeteroLoRAStrategy(Strategy):
                 info = reply.content["info"]
                 if int(info["cid"]) != cid:
                     raise ValueError(f"node of client {cid} answered as client {info['cid']}")
-                infos[cid] = ClientInfo(cid=cid, budget=int(info["budget"]), num_samples=int(info["num-examples"]))
+                infos[cid] = ClientInfo(cid=cid, budget=int(info["budget"]), num_samples=int(info["num_examples"]))
             except Exception as e:  # a broken answer drops this client, never the round
                 self.record.fail(cid, "query", str(e) or type(e).__name__)
         for cid in cids:
@@ -295,8 +295,8 @@ class HeteroLoRAStrategy(Strategy):
             self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.released()
-        return state_to_arrays(new_state), MetricRecord({"bytes-up": self.record.bytes_up,
-                                                        "bytes-down": self.record.bytes_down})
+        return state_to_arrays(new_state), MetricRecord({"bytes_up": self.record.bytes_up,
+                                                        "bytes_down": self.record.bytes_down})
 
     def collect(self, replies: Iterable[Message]) -> list[Accepted]:
         """The valid replies of this attempt, in client-id order; every rejection is recorded with its reason.
