@@ -217,7 +217,8 @@ def test_select_n_drop_starts_from_the_selected_pairs_only(ids, fold):
     set_plora_state_dict(expected, kept)
     assert torch.allclose(logits(client, ids), logits(expected, ids), atol=1e-12, rtol=0)
     folded = get_plora_model(tiny_bert(dtype=torch.float64), cfg)
-    FedPLoRA(cfg, selection="fixed").client_setup(folded, task)
+    fold = FedPLoRA(cfg, selection="fixed")  # the same pairs selected; a fold task also carries the others
+    fold.client_setup(folded, fold.configure_client(state, ClientInfo(cid=0, budget=2), 1))
     assert not torch.allclose(logits(folded, ids), logits(client, ids))  # fold keeps pairs 2, 3; drop does not
     # what the server measures as the client's start is that same adapter (initialization noise > 0)
     start = drop.client_start_factors(task)

@@ -101,12 +101,14 @@ def _random_round(method, state, gen, budgets=(1, 2, 4, 2, 1), samples=(7, 50, 1
     for cid, (budget, n) in enumerate(zip(budgets, samples)):
         task = method.configure_client(state, ClientInfo(cid=cid, budget=budget, num_samples=n), server_round=3)
         arrays = {}
+        # the trained pairs' start values as the task sends them (all R pairs, or with Select-N-Drop the drawn ones)
+        starts = method.start_pairs(task, task.config["indices"]) if "indices" in task.config else {}
         for key, shape in method.expected_update_shapes(task, state).items():
             start = task.arrays[key]
             if "indices" in task.config and key.endswith(".plora_A"):
-                start = start[task.config["indices"][key[: -len(".plora_A")]]]
+                start = starts[key[: -len(".plora_A")]][0]
             elif "indices" in task.config and key.endswith(".plora_B"):
-                start = start[:, task.config["indices"][key[: -len(".plora_B")]]]
+                start = starts[key[: -len(".plora_B")]][1]
             assert tuple(start.shape) == tuple(shape)
             arrays[key] = start + 0.1 * torch.randn(shape, generator=gen, dtype=F64)
         tasks.append(task)

@@ -14,7 +14,7 @@ Options a researcher asks about (docs/method.md), each a run setting:
   it, the paper's rule) or ``all`` (every sampled client counts for every pair; one
   that did not train j contributes its unchanged global value, a zero update).
 * ``unselected``: ``fold`` (Select-N-Fold) or ``drop`` (Select-N-Drop, the paper's
-  ablation: the unselected pairs are left out of the client's model, so it does not
+  ablation: the unselected pairs are left out of the client's model, and only the selected ones are sent, so it does not
   start at the global model).
 """
 
@@ -67,7 +67,15 @@ class FedPLoRA(FederatedMethod):
         else:
             indices = {name: select_indices(budget, self.rank, self.seed, server_round, client.cid, k + 1)
                        for k, name in enumerate(layers)}
-        return ClientTask(arrays=dict(state), config={"rank": budget, "indices": indices})
+        if self.unselected == "fold":  # every pair: the selected to train, the rest to fold
+            return ClientTask(arrays=dict(state), config={"rank": budget, "indices": indices})
+        arrays: State = {}  # drop: the client's model holds the selected pairs only, so only they go down
+        for layer, idx in indices.items():
+            i = torch.tensor(idx, dtype=torch.long)
+            arrays[layer + A_SUFFIX] = state[layer + A_SUFFIX][i].clone()
+            arrays[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, i].clone()
+        arrays.update({k: state[k] for k in head_keys(state)})
+        return ClientTask(arrays=arrays, config={"rank": budget, "indices": indices})
 
     # ------------------------------------------------------------ aggregation: pair j over the clients in Q_j
     # The mean: pair j moves by the weighted mean of its trainers' changes (participants) or of every sampled
@@ -92,16 +100,23 @@ class FedPLoRA(FederatedMethod):
         select_and_fold(model, task.config["indices"])
 
     def start_arrays(self, task: ClientTask) -> State:
-        """The pairs the client's model starts from: all R (fold), or the selected ones only (drop)."""
+        """The R pairs the client's model starts from: all of them as sent (fold), or the selected ones, sent
+        alone, at their indices and zeros elsewhere (drop)."""
         if self.unselected == "fold":
             return task.arrays
         arrays = dict(task.arrays)
         for layer, idx in task.config["indices"].items():
-            keep = torch.zeros(arrays[layer + A_SUFFIX].shape[0], dtype=torch.bool)
-            keep[idx] = True
-            arrays[layer + A_SUFFIX] = arrays[layer + A_SUFFIX] * keep[:, None]
-            arrays[layer + B_SUFFIX] = arrays[layer + B_SUFFIX] * keep[None, :]
+            A, B = task.arrays[layer + A_SUFFIX], task.arrays[layer + B_SUFFIX]
+            full_A = torch.zeros(self.rank, A.shape[1], dtype=A.dtype)
+            full_B = torch.zeros(B.shape[0], self.rank, dtype=B.dtype)
+            full_A[idx], full_B[:, idx] = A, B
+            arrays[layer + A_SUFFIX], arrays[layer + B_SUFFIX] = full_A, full_B
         return arrays
+
+    def start_pairs(self, task: ClientTask, held: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self.unselected == "fold":
+            return super().start_pairs(task, held)
+        return {layer: (task.arrays[layer + A_SUFFIX], task.arrays[layer + B_SUFFIX]) for layer in held}
 
     def client_update(self, model: nn.Module, task: ClientTask, num_samples: int) -> ClientUpdate:
         state = get_plora_state_dict(model)
