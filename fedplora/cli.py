@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=list(METHODS),
                      help="comma-separated methods (also fedit-feasible); default every registered method")
     cmp.add_argument("--seeds", type=_int_list, help="seeds to repeat every method with, e.g. 0,1,2 (default: --seed)")
+    from .study.summary import TARGET_FRACTION
+
+    cmp.add_argument("--target-fraction", type=float, default=TARGET_FRACTION, metavar="F",
+                     help="time to target: the round and seconds at which each method first reaches this fraction "
+                          f"of the best method's final mean (default {TARGET_FRACTION})")
     dep = sub.add_parser("deploy-local", parents=[run], add_help=False,
                          help="the same run on Flower's Deployment Engine: a SuperLink and one SuperNode "
                               "per --max-ranks entry, on loopback")
@@ -134,7 +139,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = args.seeds or [cfg.seed]
     command = "fedplora " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fedplora") else ""
-    run_compare(cfg, args.methods, seeds, out, command=command, progress=Progress.console())
+    run_compare(cfg, args.methods, seeds, out, command=command, progress=Progress.console(),
+                target_fraction=args.target_fraction)
     print((out / "comparison.md").read_text())
     print(f"outputs in {out}/ (comparison.json, comparison.md, comparison_metric.png, comparison_noise.png)")
     return 0

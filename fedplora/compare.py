@@ -7,7 +7,9 @@ construction. Outputs: comparison.json, comparison.md and two plots.
 A comparison is one table of a study (one task x partition, a row per method), and its per-method
 figures over seeds come from the study's summariser (``fedplora.study.summary.over_seeds``): the same
 mean and std, and the same convention for one seed (no std: undefined, shown as the mean alone), in both
-reports. What is compare's own: both noise families per round, from histories of any age (``noise_of``).
+reports. Its time to target is the study's too (``time_to_target``): per method, the round and the wall
+seconds at which each seed first reaches ``--target-fraction`` of the best method's final mean. What is
+compare's own: both noise families per round, from histories of any age (``noise_of``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from .config import ConfigError, RunConfig
 from .measure import NOISE_KEYS, noise_of
 from .methods import METHODS
 from .reports import write_json
-from .study.summary import format_mean_std, over_seeds
+from .study.summary import (TARGET_FRACTION, format_mean_std, format_number, format_reach, format_slower, over_seeds,
+                            time_to_target)
 
 # names accepted in --methods beyond the registry: variants of one method
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -54,10 +57,13 @@ def _nanmean(values) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict[str, Any]]], target_fraction: float = TARGET_FRACTION) -> dict[str, Any]:
     """Per method: final metrics (mean/std over seeds: the study's ``over_seeds``), traffic, time, noise,
-    aggregation time."""
+    aggregation time, and time to target (the study's ``time_to_target`` on the headline metric: ``to_target``
+    holds the method's rounds, seconds and ``slower``, and the comparison's target beside them)."""
     table = {}
+    metric = next(iter(runs.values()))[0]["metric"] if runs and next(iter(runs.values())) else None
+    reach = time_to_target(runs, metric, target_fraction) if metric is not None else None
     for name, summaries in runs.items():
         rounds = [h for s in summaries for h in s["history"] if h["round"] > 0]
         seeds = over_seeds(summaries)
@@ -73,6 +79,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "init_noise_mean": _nanmean(noise_of(h, "fn_init_noise") for h in rounds),
             "agg_noise_mean": _nanmean(noise_of(h, "fn_agg_noise") for h in rounds),
             "agg_s_mean": statistics.fmean(h.get("agg_s", 0.0) for h in rounds),
+            "to_target": None if reach is None else {
+                **{k: reach[k] for k in ("fraction", "metric", "best", "best_mean", "target", "fastest",
+                                         "fastest_rounds")},
+                **reach["methods"][name]},
             "per_round": {
                 "round": [h["round"] for h in summaries[0]["history"]],
                 summaries[0]["metric"]: [statistics.fmean(s["history"][k]["metrics"].get(summaries[0]["metric"], float("nan"))
@@ -90,8 +100,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
     metrics = list(next(iter(table.values()))["final"])
+    reach = next(iter(table.values())).get("to_target")
+    target = None if reach is None else reach["target"]
     head = ["method", *[f"{m} (mean ± std)" for m in metrics], "up MB", "down MB", *NOISE_LABELS.values(),
-            "agg ms/round", "wall s"]
+            "agg ms/round", "wall s",
+            "rounds (s) to " + ("target" if target is None else format_number(target, 4)), "vs fastest"]
     lines = [f"# Comparison on `{cfg.task}` ({cfg.num_clients} clients, {cfg.clients_per_round} per round, "
              f"{cfg.rounds} rounds, R={cfg.rank}, budgets {cfg.ranks} at {':'.join(f'{s:g}' for s in cfg.rank_shares)}, "
              f"{cfg.partitioner} partitions)", "", f"Command: `{command}`", "",
@@ -101,7 +114,9 @@ def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
                  f"{row['bytes_up_total'] / 1e6:.2f}", f"{row['bytes_down_total'] / 1e6:.2f}",
                  *[f"{row.get(f'{key}_mean', float('nan')):.3g}" for key in NOISE_LABELS],
                  f"{1000 * row['agg_s_mean']:.1f}",
-                 f"{row['wall_s']:.0f}"]
+                 f"{row['wall_s']:.0f}",
+                 "—" if target is None else format_reach(row["to_target"], seconds=True),
+                 "—" if target is None else format_slower(row["to_target"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Seeds: {next(iter(table.values()))['seeds']}. Noise, summed over adapted layers, mean over rounds "
               "(docs/method.md, \"Measurements\"). Function-level: initialization = ||dW_global - dW_client_start||_F "
@@ -109,10 +124,29 @@ def markdown(table: dict[str, Any], cfg: RunConfig, command: str) -> str:
               "weights). Paper (parameter-level): initialization = sum_i (||A - A_i||_F + ||B - B_i||_F), zero-padded "
               "rank-wise (a sum over the round's clients); aggregation = ||dW* - B_new A_new||_F with the uniform "
               "dW* = (1/v) sum_i B_i A_i (Fed-PLoRA: per pair over the clients that trained it). "
-              "Bytes: arrays actually sent, all rounds."
+              "Bytes: arrays actually sent, all rounds." + (" " + _target_note(table) if _target_note(table) else "")
               + (" One seed has no std (it needs two): the mean alone is shown."
                  if any(len(row["seeds"]) < 2 for row in table.values()) else "")]
     return "\n".join(lines) + "\n"
+
+
+def _target_note(table: dict[str, Any]) -> str:
+    """The sentence on time to target: what the target is, and how rounds, seconds and "vs fastest" are read."""
+    reach = next(iter(table.values())).get("to_target")
+    if reach is None:
+        return ""
+    share = f"{100 * reach['fraction']:g}%"
+    best = reach["best"]
+    if reach["target"] is None:
+        return (f"No time to target: the best final {reach['metric']} is {format_number(reach['best_mean'], 4)} "
+                f"({best}); {share} of it measures nothing.")
+    return (f"Time to target: {share} of the best final {reach['metric']} ({best}, "
+            f"{format_number(reach['best_mean'], 4)}), {format_number(reach['target'], 4)} (--target-fraction). "
+            "Per seed, the first evaluated round that reaches it and the run's wall seconds to the end of that round "
+            "(per-round wall_s summed over rounds 1..k; round 0, the evaluation before training, counts 0 s); "
+            "mean ± std over the seeds that reach it, \"k of n seeds\" when some never do (not averaged). "
+            "Vs fastest: mean rounds over the fastest method's, among the methods that reach it on every seed"
+            + (" (the initial model, round 0, already reaches it: no ratio)." if reach["fastest_rounds"] == 0 else "."))
 
 
 def plot(table: dict[str, Any], metric: str, out: Path) -> None:
@@ -156,13 +190,16 @@ def plot_noise(table: dict[str, Any], path: Path) -> None:
 
 
 def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path, command: str = "",
-                progress=None) -> dict[str, Any]:
+                progress=None, target_fraction: float = TARGET_FRACTION) -> dict[str, Any]:
     from .federation.simulation import run_simulation
 
     if not methods:
         raise ConfigError("methods: give at least one, e.g. --methods fedplora,fedit,hetlora,flexlora,flora")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods: {methods} names a method twice")
+    if not 0.0 < target_fraction <= 1.0:
+        raise ConfigError(f"--target-fraction: must be a number in (0, 1] (the fraction of the best method's final "
+                          f"mean that time to target measures), got {target_fraction!r}")
     plans = {name: [method_config(cfg, name, s, out / name / f"seed-{s}") for s in seeds] for name in methods}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
     for seed_index in range(len(seeds)):  # seed-major: a partial comparison still covers every method
@@ -171,10 +208,13 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
             if progress is not None:
                 progress.status(f"{name}, seed {run_cfg.seed}")
             runs[name].append(run_simulation(run_cfg, Path(run_cfg.out), progress))
-    table = summarize(runs)
+    table = summarize(runs, target_fraction)
     metric = next(iter(runs.values()))[0]["metric"]
+    reach = next(iter(table.values()))["to_target"]
     result = {"task": cfg.task, "metric": metric, "seeds": seeds, "command": command,
-              "config": cfg.to_dict(), "methods": table}
+              "config": cfg.to_dict(), "target": {k: reach[k] for k in ("fraction", "best", "best_mean", "target",
+                                                                         "fastest", "fastest_rounds")},
+              "methods": table}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", result)
     (out / "comparison.md").write_text(markdown(table, cfg, command))

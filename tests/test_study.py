@@ -644,3 +644,116 @@ def test_compare_and_the_study_summarise_seeds_with_one_definition_and_one_seed_
     assert "| a | 0.6500 ± 0.0707 | 0.3000 ± 0.1414 |" in text and "| b | 0.6500 | 0.3000 |" in text
     assert "One seed has no std" in text
     assert "One seed has no std" not in markdown({"a": table["a"]}, cfg, "cmd")
+
+
+# ------------------------------------------------------------------ time to target (issue 25, item 3)
+def _timed_run(seed: int, curve: list[float | None], walls: list[float] | None = None) -> dict:
+    """A run whose round r has ``curve[r]`` as accuracy (None: not evaluated) and ``walls[r-1]`` wall seconds."""
+    walls = walls or [10.0] * (len(curve) - 1)
+    history = [{"round": r, "metrics": {} if v is None else {"accuracy": v}, "wall_s": 0.0 if r == 0 else walls[r - 1]}
+               for r, v in enumerate(curve)]
+    return {"seed": seed, "metric": "accuracy", "final": {"accuracy": curve[-1]}, "history": history,
+            "bytes_up_total": 1, "bytes_down_total": 1, "wall_s": sum(walls)}
+
+
+def test_time_to_target_finds_the_first_round_and_its_wall_seconds_and_counts_a_seed_that_never_reaches_it():
+    from fedplora.study import TARGET_FRACTION, first_reach, mean_std, spread, time_to_target
+
+    assert TARGET_FRACTION == 0.95
+    fast = [_timed_run(0, [0.3, 0.5, 0.8, 0.9, 1.0], [10.0, 20.0, 30.0, 40.0]),  # 0.8 at round 2: 10 + 20 s
+            _timed_run(1, [0.3, 0.4, 0.6, 0.8, 0.8], [11.0, 12.0, 13.0, 14.0])]  # 0.8 at round 3: 36 s
+    slow = [_timed_run(0, [0.3, 0.4, 0.5, 0.6, 0.85]), _timed_run(1, [0.3, 0.4, 0.5, 0.7, 0.7])]  # seed 1: never
+    steady = [_timed_run(0, [0.3, None, None, None, 0.8]), _timed_run(1, [0.3, None, None, None, 0.8])]  # eval at 4
+    # the best final figure: fast's mean 0.9; the target is the fraction of it, 0.9 * 0.9 = 0.81 -> not 0.8
+    assert first_reach(fast[0]["history"], "accuracy", 0.8) == (2, 30.0)
+    assert first_reach(fast[1]["history"], "accuracy", 0.8) == (3, 36.0)
+    assert first_reach(fast[1]["history"], "accuracy", 0.81) is None
+    assert first_reach(fast[0]["history"], "accuracy", 0.2) == (0, 0.0)  # round 0 (before training) counts 0 s
+    assert first_reach(fast[0]["history"], "accuracy", 80.0, scale=100.0) == (2, 30.0)  # the table's own scale
+    reach = time_to_target({"fast": fast, "slow": slow, "steady": steady}, "accuracy", fraction=8 / 9)
+    assert reach["best"] == "fast" and reach["best_mean"] == pytest.approx(0.9)
+    assert reach["target"] == pytest.approx(0.8)
+    f, s, st = (reach["methods"][k] for k in ("fast", "slow", "steady"))
+    assert (f["n"], f["reached"]) == (2, 2) and f["rounds"] == spread([2.0, 3.0]) and f["seconds"] == spread([30.0, 36.0])
+    assert [(p["seed"], p["round"], p["seconds"]) for p in f["per_seed"]] == [(0, 2, 30.0), (1, 3, 36.0)]
+    # a seed that never reaches the target is counted, not averaged: one seed left, so no std
+    assert (s["n"], s["reached"]) == (2, 1) and s["rounds"] == {"mean": 4.0, "std": None}
+    assert s["seconds"] == {"mean": 40.0, "std": None} and s["per_seed"][1] == {"seed": 1, "round": None, "seconds": None}
+    # evaluated only at round 4: the first *evaluated* round that reaches it
+    assert st["rounds"] == {"mean": 4.0, "std": 0.0} and st["seconds"]["mean"] == 40.0
+    # vs fastest: among the methods every seed of which reaches the target (slow's lucky seed is not compared)
+    assert reach["fastest"] == "fast" and reach["fastest_rounds"] == 2.5
+    assert f["slower"] == 1.0 and st["slower"] == pytest.approx(4.0 / 2.5) and s["slower"] is None
+    assert mean_std([4.0])[1] is None  # the study's one summariser
+    # the default fraction: 95% of 0.9 = 0.855, which only fast's seed 0 reaches (round 3, 60 s)
+    default = time_to_target({"fast": fast, "slow": slow}, "accuracy")
+    assert default["fraction"] == 0.95 and default["target"] == pytest.approx(0.855)
+    assert default["methods"]["fast"]["per_seed"][0]["round"] == 3 and default["methods"]["fast"]["reached"] == 1
+    assert default["fastest"] is None and default["methods"]["fast"]["slower"] is None
+    # a history without wall_s: the round is known, the seconds are not
+    old = _timed_run(0, [0.3, 0.9])
+    del old["history"][1]["wall_s"]
+    assert first_reach(old["history"], "accuracy", 0.8) == (1, None)
+    assert time_to_target({"old": [old]}, "accuracy")["methods"]["old"]["seconds"] is None
+    # no target when the best final figure is not positive (every method at MCC 0: nothing to take a fraction of)
+    zero = time_to_target({"a": [_timed_run(0, [0.0, 0.0])]}, "accuracy")
+    assert zero["target"] is None and zero["methods"]["a"]["reached"] == 0
+
+
+def test_target_fraction_is_one_study_setting_checked_in_one_line(tmp_path):
+    assert load_study(write(tmp_path, TINY), out=tmp_path / "out").target_fraction == 0.95
+    head = 'name = "tiny"'
+    assert load_study(write(tmp_path, TINY.replace(head, head + "\ntarget_fraction = 0.8")),
+                      out=tmp_path / "out").target_fraction == 0.8
+    assert load_study(write(tmp_path, TINY.replace(head, head + "\ntarget_fraction = 1")),
+                      out=tmp_path / "out").target_fraction == 1.0
+    assert "[study]: target_fraction must be a number in (0, 1]" in error_of(
+        tmp_path, TINY.replace(head, head + "\ntarget_fraction = 1.5"))
+    assert "[study]: target_fraction must be a number in (0, 1]" in error_of(
+        tmp_path, TINY.replace(head, head + "\ntarget_fraction = 0"))
+    assert "[study]: target_fraction must be a number, got 'high'" in error_of(
+        tmp_path, TINY.replace(head, head + '\ntarget_fraction = "high"'))
+    assert "(did you mean 'target_fraction'?)" in error_of(tmp_path, TINY.replace(head, head + "\ntarget_fractoin = 1"))
+
+
+def test_table_json_report_md_and_times_md_carry_the_time_to_target(tmp_path):
+    """Rounds to target (deterministic) in table.json and report.md; the wall seconds, which differ between
+    sessions, in times.md."""
+    path = write(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\ntarget_fraction = 0.8'))
+    study = load_study(path, out=tmp_path / "out")
+    for cell, acc in zip(study.cells, [0.70, 0.60, 0.65, 0.55, 0.74, 0.62, 0.61, 0.57]):
+        finish(cell, acc)
+        summary = json.loads((cell.folder / "summary.json").read_text())
+        for h in summary["history"]:
+            h["wall_s"] = 0.0 if h["round"] == 0 else 5.0 * h["round"]  # rounds 1, 2: 5 s, 10 s
+        (cell.folder / "summary.json").write_text(json.dumps(summary))
+    table = write_report(study, plots=False)
+    assert table["target_fraction"] == 0.8
+    t = table["tables"][0]  # tweets, IID: FedIT R 72.0 is the best; 80% of it is 57.6
+    assert t["target"] == {"fraction": 0.8, "best": "fedit-r", "best_mean": pytest.approx(72.0),
+                           "target": pytest.approx(57.6), "fastest": "fedit-r", "fastest_rounds": 1.0}
+    r, r2 = t["rows"]
+    # FedIT R: 60 and 64 at round 1; FedIT R/2: 50 and 52 at round 1, 60 and 62 at round 2
+    assert r["to_target"] == {"reached": 2, "n": 2, "rounds": {"mean": 1.0, "std": 0.0}, "per_seed": [1, 1],
+                              "slower": 1.0}
+    assert r2["to_target"] == {"reached": 2, "n": 2, "rounds": {"mean": 2.0, "std": 0.0}, "per_seed": [2, 2],
+                               "slower": 2.0}
+    assert "seconds" not in json.dumps(table)  # no wall times in the deterministic table
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| method | accuracy (×100) | seeds | paper | rounds to 57.60 | vs fastest | up MB |" in report
+    assert "| FedIT R | 72.00 ± 2.83 | 0,1 | 70.00 | 1.0 ± 0.0 | 1.00× |" in report
+    assert "| FedIT R/2 | 61.00 ± 1.41 | 0,1 | — | 2.0 ± 0.0 | 2.00× |" in report
+    assert ("Target: 80% of the best final accuracy (×100) (FedIT R, 72.00), 57.60. Fastest to it on every seed "
+            "(1.00× of \"vs fastest\"): FedIT R.") in report
+    times = (tmp_path / "out" / "times.md").read_text()
+    assert "## Time to target" in times and "| method | rounds (s) to 57.60 | vs fastest | per seed: round (s) |" in times
+    assert "| FedIT R/2 | 2.0 ± 0.0 (15 ± 0 s) | 2.00× | 0: 2 (15 s), 1: 2 (15 s) |" in times
+    # the default 95%: 68.4 on IID, which FedIT R/2 never reaches
+    finish_fraction = load_study(write(tmp_path, TINY, "default.toml"), out=tmp_path / "out")
+    t = build_table(finish_fraction)["tables"][0]
+    assert t["target"]["target"] == pytest.approx(68.4)
+    assert t["rows"][1]["to_target"] == {"reached": 0, "n": 2, "rounds": None, "per_seed": [None, None],
+                                         "slower": None}
+    write_report(finish_fraction, plots=False)
+    assert "| FedIT R/2 | 61.00 ± 1.41 | 0,1 | — | not reached (2 seeds) | — |" in \
+        (tmp_path / "out" / "report.md").read_text()

@@ -24,7 +24,8 @@ The package, in the order a study goes through it:
 * ``spec``: the study file's schema and checks, and the grid of cells (Entry, Cell, Study, load_study);
 * ``cells``: each cell's state from its folder, conflicts, reuse of other studies' cells, the state file;
 * ``estimate`` and ``runner``: the time left, and running the cells (run_study, dry_run, Stop);
-* ``summary``: the one summariser over seeds (mean and std; also ``fedplora compare``'s), rows, the reading;
+* ``summary``: the one summariser over seeds (mean and std; also ``fedplora compare``'s), rows, the reading,
+  time to target (also compare's);
 * ``report`` and ``plots``: table.json, report.md, times.md and the plots;
 * ``cli``: ``fedplora study`` and ``python -m fedplora.study``.
 
@@ -40,7 +41,8 @@ from .plots import plot_table
 from .report import SIGNIFICANT, build_table, markdown_report, round_figures, times_markdown, write_report
 from .runner import Stop, dry_run, run_study
 from .spec import ENTRY_META, NAME, STUDY_KEYS, STUDY_SETS, TOP_KEYS, Cell, Entry, Study, load_study
-from .summary import NOISE_ALIASES, format_mean_std, mean_std, method_row, noise_keys, over_seeds, reading, spread
+from .summary import (NOISE_ALIASES, TARGET_FRACTION, first_reach, format_mean_std, format_reach, mean_std, method_row,
+                      noise_keys, over_seeds, reading, spread, time_to_target)
 
 _noise_keys = noise_keys  # its name before the package (tests/test_study.py imports it)
 
@@ -53,5 +55,6 @@ __all__ = [
     "SIGNIFICANT", "build_table", "markdown_report", "round_figures", "times_markdown", "write_report",
     "Stop", "dry_run", "run_study",
     "ENTRY_META", "NAME", "STUDY_KEYS", "STUDY_SETS", "TOP_KEYS", "Cell", "Entry", "Study", "load_study",
-    "NOISE_ALIASES", "format_mean_std", "mean_std", "method_row", "noise_keys", "over_seeds", "reading", "spread",
+    "NOISE_ALIASES", "TARGET_FRACTION", "first_reach", "format_mean_std", "format_reach", "mean_std", "method_row",
+    "noise_keys", "over_seeds", "reading", "spread", "time_to_target",
 ]

@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from .cells import finished_summary, read_state
 from .estimate import fmt_duration
 from .spec import Study
-from .summary import format_mean_std, format_number, method_row, reading
+from .summary import (format_mean_std, format_number, format_reach, format_slower, method_row, reading,
+                      time_to_target)
 
 SIGNIFICANT = 10  # digits kept of every number in table.json (see round_figures)
 
@@ -39,39 +40,68 @@ def round_figures(value: Any) -> Any:
     return value
 
 
-def build_table(study: Study) -> dict[str, Any]:
-    """table.json: per task x partition, one row per method (mean ± std over the finished seeds). Deterministic:
-    only the cells' results and the study file go in (no times, no absolute paths), numbers rounded to
-    SIGNIFICANT digits."""
-    summaries = {c.rel: finished_summary(c) for c in study.cells}
-    scale = 100.0 if study.percent else 1.0
-    tables = []
+def _collect(study: Study, summaries: dict[str, dict[str, Any] | None]
+             ) -> list[tuple[Any, Any, str | None, dict[str, list[dict[str, Any]]]]]:
+    """Per task x partition: the table's metric and each method's finished runs (summary.json dicts), in the
+    study file's order; one line naming the task where its metric is not in the runs' results."""
+    out = []
     for task in study.tasks:
         for part in study.partitions:
-            rows, metric = [], task.metric
+            metric, runs = task.metric, {}
             for method in study.methods:
                 got = [summaries[c.rel] for c in study.cells
                        if (c.task, c.partition, c.method) == (task, part, method) and summaries[c.rel] is not None]
                 metric = metric or (got[0]["metric"] if got else None)
-                if not got:
-                    rows.append({"method": method.name, "label": method.label, "n": 0, "seeds": [],
-                                 "paper": study.paper.get(task.name, {}).get(part.name, {}).get(method.name)})
-                    continue
                 missing = [s["seed"] for s in got if metric not in s["final"]]
                 if missing:
                     raise ConfigError(f"{study.path}: [[task]] {task.name!r}: metric {metric!r} is not in the runs' "
                                       f"results (they have {', '.join(sorted(got[0]['final']))})")
-                row = method_row(method, metric, got, scale)
-                row["paper"] = study.paper.get(task.name, {}).get(part.name, {}).get(method.name)
-                rows.append(row)
-            tables.append({"task": task.name, "task_label": task.label, "partition": part.name,
-                           "partition_label": part.label, "metric": metric, "rows": rows,
-                           "reading": reading(rows)})
+                runs[method.name] = got
+            out.append((task, part, metric, runs))
+    return out
+
+
+def _reach(study: Study, metric: str | None, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The table's time to target (summary.time_to_target, in the table's scale); None for a table with no runs."""
+    if metric is None or not any(runs.values()):
+        return None
+    return time_to_target(runs, metric, study.target_fraction, 100.0 if study.percent else 1.0)
+
+
+def build_table(study: Study) -> dict[str, Any]:
+    """table.json: per task x partition, one row per method (mean ± std over the finished seeds). Deterministic:
+    only the cells' results and the study file go in (no times, no absolute paths), numbers rounded to
+    SIGNIFICANT digits. Time to target is there in rounds; its wall seconds differ between sessions and go to
+    times.md."""
+    summaries = {c.rel: finished_summary(c) for c in study.cells}
+    scale = 100.0 if study.percent else 1.0
+    tables = []
+    for task, part, metric, runs in _collect(study, summaries):
+        rows = []
+        reach = _reach(study, metric, runs)
+        for method in study.methods:
+            got = runs[method.name]
+            if not got:
+                rows.append({"method": method.name, "label": method.label, "n": 0, "seeds": [],
+                             "paper": study.paper.get(task.name, {}).get(part.name, {}).get(method.name)})
+                continue
+            row = method_row(method, metric, got, scale)
+            row["paper"] = study.paper.get(task.name, {}).get(part.name, {}).get(method.name)
+            m = reach["methods"][method.name]
+            row["to_target"] = {"reached": m["reached"], "n": m["n"], "rounds": m["rounds"],
+                                "per_seed": [p["round"] for p in m["per_seed"]], "slower": m["slower"]}
+            rows.append(row)
+        t = {"task": task.name, "task_label": task.label, "partition": part.name, "partition_label": part.label,
+             "metric": metric, "rows": rows, "reading": reading(rows)}
+        if reach is not None:
+            t["target"] = {k: reach[k]
+                           for k in ("fraction", "best", "best_mean", "target", "fastest", "fastest_rounds")}
+        tables.append(t)
     done = sum(s is not None for s in summaries.values())
     return round_figures({"study": study.name, "units": "percent" if study.percent else "as measured",
-                          "seeds": study.seeds, "cells": {"total": len(study.cells), "done": done,
-                                                          "missing": [c.rel for c in study.cells
-                                                                      if summaries[c.rel] is None]},
+                          "seeds": study.seeds, "target_fraction": study.target_fraction,
+                          "cells": {"total": len(study.cells), "done": done,
+                                    "missing": [c.rel for c in study.cells if summaries[c.rel] is None]},
                           "tables": tables})
 
 
@@ -121,8 +151,12 @@ def markdown_report(study: Study, table: dict[str, Any]) -> str:
             lines += _cell_table_markdown(t, digits, units)
     lines += ["Noise columns: each run's per-round noise (every `*noise` entry of its history: see docs/method.md for "
               "each definition), averaged over rounds 1..T, then over seeds. Traffic: arrays actually sent, all "
-              "rounds, mean over seeds. Wall times are in times.md (they differ between sessions; this report "
-              "does not).", ""]
+              "rounds, mean over seeds. Rounds to target: per seed, the first evaluated round whose figure reaches "
+              f"the table's target ({100 * study.target_fraction:g}% of its best final figure, `[study] "
+              "target_fraction`); mean ± std over the seeds that reach it, \"k of n seeds\" when some never do "
+              "(those are not averaged). Vs fastest: that mean over the fastest method's, among the methods that "
+              "reach the target on every seed. Wall times, and the seconds to each target, are in times.md (they "
+              "differ between sessions; this report does not).", ""]
     if cells["missing"]:
         lines += ["## Cells not done", "", *[f"- `{rel}`" for rel in cells["missing"]], ""]
     return "\n".join(lines)
@@ -145,24 +179,53 @@ def _by_partition_markdown(study: Study, table: dict[str, Any], digits: int, uni
     return lines
 
 
+def _target_header(t: dict[str, Any], digits: int) -> str:
+    target = (t.get("target") or {}).get("target")
+    return "rounds to target" if target is None else f"rounds to {format_number(target, digits)}"
+
+
+def _target_sentence(t: dict[str, Any], digits: int, units: str) -> str:
+    """What a table's target is, in one sentence under it."""
+    tg = t.get("target")
+    if tg is None:
+        return ""
+    label = next((r["label"] for r in t["rows"] if r["method"] == tg["best"]), tg["best"])
+    share = f"{100 * tg['fraction']:g}%"
+    if tg["target"] is None:
+        return (f"No target: the best final {t['metric']}{units} is {format_number(tg['best_mean'], digits)} "
+                f"({label}); {share} of it measures nothing.")
+    fastest = [r["label"] for r in t["rows"] if (r.get("to_target") or {}).get("slower") == 1.0]
+    return (f"Target: {share} of the best final {t['metric']}{units} ({label}, "
+            f"{format_number(tg['best_mean'], digits)}), {format_number(tg['target'], digits)}. "
+            + ("No method reaches it on every seed." if tg["fastest"] is None else
+               "The initial model (round 0) already reaches it: no ratio." if tg["fastest_rounds"] == 0 else
+               f"Fastest to it on every seed (1.00× of \"vs fastest\"): {', '.join(fastest)}."))
+
+
 def _cell_table_markdown(t: dict[str, Any], digits: int, units: str) -> list[str]:
-    """One task x partition in full: each method's figure, seeds, paper figure, traffic and noise."""
+    """One task x partition in full: each method's figure, seeds, paper figure, time to target, traffic, noise."""
     noise = sorted({k for r in t["rows"] if r["n"] for k in r["noise"]})
     lines = [f"## {t['task_label']}, {t['partition_label']}", ""]
-    head = ["method", f"{t['metric']}{units}", "seeds", "paper", "up MB", "down MB", *noise]
+    head = ["method", f"{t['metric']}{units}", "seeds", "paper", _target_header(t, digits), "vs fastest",
+            "up MB", "down MB", *noise]
     lines += _table_lines(head)
     for r in t["rows"]:
         if not r["n"]:
             empty = [r["label"], "—", "0", format_number(r["paper"], digits)] + ["—"] * (len(head) - 4)
             lines.append("| " + " | ".join(empty) + " |")
             continue
+        reach = r.get("to_target")
         lines.append("| " + " | ".join([
             r["label"], _ours(r, digits), ",".join(map(str, r["seeds"])), format_number(r["paper"], digits),
+            format_reach(reach) if reach and t["target"]["target"] is not None else "—",
+            format_slower(reach) if reach else "—",
             format_number(r["up_mb"]), format_number(r["down_mb"]),
             *[f"{r['noise'][k]:.3g}" if k in r["noise"] else "—" for k in noise]]) + " |")
     stem = f"{t['task']}-{t['partition']}"
-    return lines + ["", f"![{t['metric']} per round](plots/{stem}-metric.png) "
-                        f"![noise per round](plots/{stem}-noise.png) ![traffic](plots/{stem}-traffic.png)", ""]
+    sentence = _target_sentence(t, digits, units)
+    return lines + [""] + ([sentence, ""] if sentence else []) + [
+        f"![{t['metric']} per round](plots/{stem}-metric.png) "
+        f"![noise per round](plots/{stem}-noise.png) ![traffic](plots/{stem}-traffic.png)", ""]
 
 
 def _reading_markdown(study: Study, table: dict[str, Any], digits: int) -> list[str]:
@@ -232,7 +295,43 @@ def times_markdown(study: Study) -> str:
             with_start = "—" if seconds is None else f"{seconds:.0f}"
             lines.append(f"| `{c.rel}` | {s.get('wall_s', 0.0):.0f} | {with_start} |")
     lines += ["", f"Total: {fmt_duration(total)} of run time, {fmt_duration(total_cell)} with start-up.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _seconds_to_target_markdown(study))
+
+
+def _seconds_to_target_markdown(study: Study) -> list[str]:
+    """times.md's time to target: report.md's rounds with the wall seconds beside them (which differ between
+    sessions, so they are here and not in report.md)."""
+    digits = 2 if study.percent else 4
+    units = " (×100)" if study.percent else ""
+    summaries = {c.rel: finished_summary(c) for c in study.cells}
+    labels = {m.name: m.label for m in study.methods}
+    lines = ["## Time to target", "",
+             f"Per task and partition, the round and the wall seconds at which each method's seeds first reach "
+             f"{100 * study.target_fraction:g}% of the best final figure (`[study] target_fraction`): mean ± std over "
+             "the seeds that reach it, \"k of n seeds\" when some never do. Seconds: the run's own clock from the "
+             "start of training to the end of that round (the history's per-round wall_s summed over rounds 1..k; "
+             "round 0, the evaluation before training, counts 0 s). Vs fastest: mean rounds over the fastest "
+             "method's, among those that reach the target on every seed.", ""]
+    for task, part, metric, runs in _collect(study, summaries):
+        reach = _reach(study, metric, runs)
+        if reach is None:
+            continue
+        t = {"metric": metric, "target": reach,
+             "rows": [{"method": name, "label": labels[name], "to_target": reach["methods"][name]} for name in runs]}
+        lines += [f"### {task.label}, {part.label}", "", _target_sentence(t, digits, units), ""]
+        if reach["target"] is None:
+            continue
+        lines += _table_lines(["method", f"rounds (s) to {format_number(reach['target'], digits)}", "vs fastest",
+                               "per seed: round (s)"])
+        for name, m in reach["methods"].items():
+            if not m["n"]:
+                continue
+            seeds = ", ".join(f"{p['seed']}: " + ("not reached" if p["round"] is None else
+                                                   f"{p['round']} ({format_number(p['seconds'], 0)} s)")
+                              for p in m["per_seed"])
+            lines.append(f"| {labels[name]} | {format_reach(m, seconds=True)} | {format_slower(m)} | {seeds} |")
+        lines.append("")
+    return lines if len(lines) > 4 else []
 
 
 def write_report(study: Study, plots: bool = True) -> dict[str, Any]:

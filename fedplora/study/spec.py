@@ -17,9 +17,11 @@ from typing import Any
 
 from ..config import BY_NAME, RunConfig
 from ..errors import ConfigError
+from .summary import TARGET_FRACTION
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-STUDY_KEYS = {"name": str, "out": str, "seeds": list, "percent": bool, "description": str, "reuse": list}
+STUDY_KEYS = {"name": str, "out": str, "seeds": list, "percent": bool, "description": str, "reuse": list,
+              "target_fraction": float}
 TOP_KEYS = ("study", "base", "task", "method", "partition", "override", "paper")
 ENTRY_META = {"task": ("name", "label", "metric"), "method": ("name", "label"), "partition": ("name", "label")}
 STUDY_SETS = ("seed", "out")  # set by the study for each cell, never by an entry
@@ -68,6 +70,7 @@ class Study:
     paper: dict[str, dict[str, dict[str, float]]]
     paper_note: str
     reuse: list[Path] = field(default_factory=list)  # other studies' out folders whose finished cells may be copied
+    target_fraction: float = TARGET_FRACTION  # time to target: this fraction of each table's best final mean
     cells: list[Cell] = field(default_factory=list)
 
 
@@ -147,8 +150,11 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         if key not in STUDY_KEYS:
             raise ConfigError(f"{src}: [study]: unknown key {key!r}{_did_you_mean(key, list(STUDY_KEYS))}; "
                               f"known: {', '.join(STUDY_KEYS)}")
+        if STUDY_KEYS[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            continue  # an integer is a number too (target_fraction = 1)
         if not isinstance(value, STUDY_KEYS[key]):
-            raise ConfigError(f"{src}: [study]: {key} must be a {STUDY_KEYS[key].__name__}, got {value!r}")
+            kind = "number" if STUDY_KEYS[key] is float else STUDY_KEYS[key].__name__
+            raise ConfigError(f"{src}: [study]: {key} must be a {kind}, got {value!r}")
     name = head.get("name", path.stem)
     seeds = head.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -159,6 +165,10 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     if not all(isinstance(r, str) and r for r in reuse):
         raise ConfigError(f"{src}: [study]: reuse must be a list of other studies' out folders (strings), "
                           f"got {reuse!r}")
+    fraction = float(head.get("target_fraction", TARGET_FRACTION))
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"{src}: [study]: target_fraction must be a number in (0, 1] (the fraction of each table's "
+                          f"best final figure that time to target measures), got {head['target_fraction']!r}")
     base = data.get("base", {})
     if not isinstance(base, dict):
         raise ConfigError(f"{src}: [base] must be a table of fedplora settings")
@@ -173,7 +183,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study = Study(path=path, name=name, out=Path(out or head.get("out") or f"runs/study-{name}"), seeds=list(seeds),
                   percent=head.get("percent", True), description=head.get("description", ""), base=base,
                   tasks=tasks, methods=methods, partitions=partitions, overrides=overrides, paper=paper,
-                  paper_note=note, reuse=[Path(r) for r in reuse])
+                  paper_note=note, reuse=[Path(r) for r in reuse], target_fraction=fraction)
     if any(r.resolve() == study.out.resolve() for r in study.reuse):
         raise ConfigError(f"{src}: [study]: reuse names this study's own out folder {study.out}; list other "
                           "studies' out folders")

@@ -7,6 +7,8 @@ not zero, and a table shows the mean alone (``format_mean_std``) rather than a s
 
 ``over_seeds`` is what both commands take from a method's runs (final metrics, traffic); ``method_row``
 is the study's row of a task x partition table built on it, and ``reading`` ranks such rows.
+``time_to_target`` is both commands' time to accuracy: per method, the round (and the wall seconds) at
+which each seed first reaches a fraction of the best method's final figure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 
 # the pre-"fn_" names of the function-level noise, kept in histories as aliases: reported once, under fn_*
 NOISE_ALIASES = {"init_noise": "fn_init_noise", "agg_noise": "fn_agg_noise"}
+# the time-to-target fraction of the best final figure: [study] target_fraction and compare's --target-fraction
+TARGET_FRACTION = 0.95
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -106,6 +110,85 @@ def method_row(method: Entry, metric: str, summaries: list[dict[str, Any]], scal
                       "up_mb": curve(lambda h: h.get("bytes_up", 0) / 1e6),
                       "down_mb": curve(lambda h: h.get("bytes_down", 0) / 1e6)},
     }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def first_reach(history: list[dict[str, Any]], metric: str, target: float,
+                scale: float = 1.0) -> tuple[int, float | None] | None:
+    """The first evaluated round whose ``metric`` (times ``scale``) reaches ``target``, and the wall seconds
+    from the start of training to the end of that round; None when no round reaches it.
+
+    The seconds are the sum of the history's per-round ``wall_s`` over rounds 1..k (each round's training,
+    aggregation and evaluation, its own clock, so a resumed run's restart is not counted). Round 0, the
+    evaluation before any training, counts 0 s: a model that starts at the target reaches it at round 0 in
+    0 s. The seconds are None where a round up to k has no ``wall_s`` (a history that never recorded it).
+    """
+    seconds: float | None = 0.0
+    for h in sorted(history, key=lambda h: h["round"]):
+        if h["round"] > 0:
+            wall = h.get("wall_s")
+            seconds = seconds + wall if seconds is not None and _number(wall) else None
+        value = (h.get("metrics") or {}).get(metric)
+        if _number(value) and value * scale >= target:
+            return h["round"], seconds
+    return None
+
+
+def time_to_target(runs: dict[str, list[dict[str, Any]]], metric: str, fraction: float = TARGET_FRACTION,
+                   scale: float = 1.0) -> dict[str, Any]:
+    """Time to accuracy of several methods' runs (summary.json dicts, one a seed) on one task and partition.
+
+    The target is ``fraction`` of the best method's final mean (``mean_std`` of its seeds' final ``metric``
+    times ``scale``: the table's own figure), so a seed of the best method reaches it; none where the best mean is
+    not positive (e.g. every method at MCC 0: "learned nothing" has no fraction). Per method: each seed's
+    ``first_reach``; over the seeds that reach it, ``spread`` of the round and of the seconds (one seed: no
+    std); a seed that never reaches it is counted in ``n`` but not in ``reached`` and not averaged. ``slower``:
+    the method's mean round over the fastest method's, among methods whose every seed reaches the target
+    (a mean over the lucky seeds alone would flatter a method); None for the others, or if the fastest
+    reaches it at round 0.
+    """
+    finals = {name: mean_std([s["final"][metric] * scale for s in runs[name]])[0] for name in runs
+              if runs[name] and all(_number(s["final"].get(metric)) for s in runs[name])}
+    best = max(finals, key=lambda name: finals[name]) if finals else None  # the first listed on a tie
+    target = fraction * finals[best] if best is not None and finals[best] > 0 else None
+    methods: dict[str, dict[str, Any]] = {}
+    for name, summaries in runs.items():
+        hits = [first_reach(s["history"], metric, target, scale) if target is not None else None for s in summaries]
+        reached = [h for h in hits if h is not None]
+        seconds = [h[1] for h in reached]
+        methods[name] = {
+            "n": len(summaries), "reached": len(reached),
+            "rounds": spread([float(h[0]) for h in reached]) if reached else None,
+            "seconds": spread(seconds) if reached and None not in seconds else None,
+            "per_seed": [{"seed": s["seed"], "round": h[0] if h else None, "seconds": h[1] if h else None}
+                         for s, h in zip(summaries, hits)],
+        }
+    everywhere = {name: m["rounds"]["mean"] for name, m in methods.items() if m["n"] and m["reached"] == m["n"]}
+    fastest = min(everywhere, key=lambda name: everywhere[name]) if everywhere else None
+    for name, m in methods.items():
+        m["slower"] = (everywhere[name] / everywhere[fastest]
+                       if name in everywhere and everywhere[fastest] > 0 else None)
+    return {"fraction": fraction, "metric": metric, "best": best, "best_mean": finals.get(best), "target": target,
+            "fastest": fastest, "fastest_rounds": everywhere.get(fastest), "methods": methods}
+
+
+def format_reach(m: dict[str, Any], seconds: bool = False) -> str:
+    """One method's time to target as a table shows it: mean ± std rounds over the seeds that reach it (with
+    the seconds in brackets where asked), "k of n" when some seed does not, "not reached" when none does."""
+    if not m["reached"]:
+        return "not reached" + (f" ({m['n']} seeds)" if m["n"] > 1 else "")
+    text = format_mean_std(m["rounds"]["mean"], m["rounds"]["std"], 1)
+    if seconds:
+        s = m.get("seconds")
+        text += f" ({format_mean_std(s['mean'], s['std'], 0)} s)" if s else " (— s)"
+    return text + (f", {m['reached']} of {m['n']} seeds" if m["reached"] < m["n"] else "")
+
+
+def format_slower(m: dict[str, Any]) -> str:
+    return "—" if m.get("slower") is None else f"{m['slower']:.2f}×"
 
 
 def reading(rows: list[dict[str, Any]]) -> dict[str, Any]:
