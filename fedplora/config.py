@@ -204,7 +204,7 @@ class RunConfig:
     # secure aggregation (docs/secure-aggregation.md; fedplora/federation/secure.py): Flower's SecAgg+
     secure_aggregation: bool = setting(False, "sum the clients' uploads with Flower's SecAgg+: the server learns "
                                               "only the per-pair sums of a round's surviving clients, never one "
-                                              "client's pairs (fedplora, fedit, hetlora; aggregator mean)")
+                                              "client's pairs (the pair-space methods; aggregator mean)")
     secure_shares: float = setting(1.0, "SecAgg+: share of a round's clients each client's secrets are split "
                                         "among, its neighbours (1 = all: SecAgg)", gt=0, le=1)
     secure_threshold: float = setting(0.7, "SecAgg+: share of those shares needed to rebuild a dropped client's "
@@ -381,9 +381,10 @@ class RunConfig:
         self._secure_checks(need)
         need(self.server_optimizer != "none" or self.server_lr is None,
              "server_lr: is set but server_optimizer is none; choose --server-optimizer avgm, adam or yogi, or unset it")
-        need(self.server_optimizer == "none" or method_class(self.method).space == "pairs",
-             f"server_optimizer: {self.server_optimizer} steps each pair of the global adapter, and {self.method} "
-             "aggregates in product space (no pairs carry over a round); use --server-optimizer none")
+        refusal = method_class(self.method).server_opt_refusal
+        need(self.server_optimizer == "none" or refusal is None,
+             f"server_optimizer: {self.server_optimizer} is not defined for {self.method}: {refusal}; use "
+             f"--server-optimizer none, or {_defining('server_opt')}")
         need(self.quantization == "none" or self.fold == "branch",
              f"fold: 'merge' adds pairs into the base weight, which a {self.quantization} base stores quantized; "
              "use --fold branch with --quantization")

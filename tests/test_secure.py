@@ -197,3 +197,15 @@ def test_a_layer_whose_sums_are_malformed_is_refused_by_name():
 def test_methods_that_need_individual_updates_refuse_secure_aggregation():
     assert FedPLoRA.secure_refusal is FedIT.secure_refusal is HetLoRA.secure_refusal is None
     assert "SVD" in FlexLoRA.secure_refusal and "stacks" in FLoRA.secure_refusal
+
+
+def test_summed_weights_that_no_honest_clients_could_upload_are_refused():
+    """A weight steers pair j's division: one client's negative weight would shrink the sum and inflate the step."""
+    tasks, updates = _round()
+    method = FedPLoRA(CFG)
+    sums = summed(method, tasks, updates)
+    forged = {**sums, "L.w": sums["L.w"] - torch.where(sums["L.count"] > 0, 1.999, 0.0)}
+    with pytest.raises(ValueError, match="L.w is not a sum of 3 clients' weights"):
+        secure_decode(method, STATE, forged, 3, reducer_for(method, None))
+    with pytest.raises(ValueError, match="L.w is not a sum of 3 clients' weights"):
+        secure_decode(method, STATE, {**sums, "L.w": sums["L.w"] * 4}, 3, reducer_for(method, None))

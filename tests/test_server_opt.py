@@ -118,3 +118,53 @@ def test_a_killed_run_with_adam_resumes_to_the_uninterrupted_result(tiny_assets,
     run_federation(InProcessGrid(cfg.num_clients), cfg, tmp_path / "forgetful", resume=True)
     c = adapter("forgetful")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_robust_rule_does_not_step_a_pair_that_clients_only_hold_with_a_zero_change():
+    """Under aggregate_over="all" (and FSLoRA) every client holds every pair, most with a zero change: the robust
+    rule sees them, but a pair nobody trained is still not stepped by the optimizer."""
+    state = {"L.plora_A": torch.zeros(4, 2, dtype=F64), "L.plora_B": torch.zeros(3, 4, dtype=F64),
+             "head.weight": torch.zeros(2, dtype=F64)}
+    everyone = FedPLoRA(CFG, selection="fixed", aggregate_over="all")
+    opt, x = ServerOptimizer("adam", 0.1), state
+    for moves in ([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]], [[3.0], [3.0], [3.0]]):
+        _, tasks, updates = _round(x, moves)
+        tasks = [everyone.configure_client(x, ClientInfo(c, len(m), 10), 1) for c, m in enumerate(moves)]
+        x = aggregate(everyone, x, tasks, updates, "median", None, opt)
+    assert opt.buffers["t/L"].tolist() == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_the_server_drops_a_client_whose_budget_answer_it_cannot_serve():
+    """A budget query answered with a budget of 0 (or a count that is not a positive integer), or a budget the
+    method cannot serve, drops that client with its reason; the round goes on with the others."""
+    import types
+
+    from fedplora.config import RunConfig
+    from fedplora.federation.strategy import HeteroLoRAStrategy, RoundRecord
+    from fedplora.methods import FedIT
+
+    class Answer:
+        def __init__(self, node, info):
+            self.metadata, self.content = types.SimpleNamespace(src_node_id=node), {"info": info}
+
+        def has_error(self):
+            return False
+
+    answers = {0: {"cid": 0, "budget": 0, "num_examples": 5}, 1: {"cid": 1, "budget": 2, "num_examples": 5.5},
+               2: {"cid": 2, "budget": 1, "num_examples": 5}, 3: {"cid": 3, "budget": 4, "num_examples": 5}}
+    grid = types.SimpleNamespace(send_and_receive=lambda messages, timeout=None: [Answer(100 + c, a)
+                                                                                  for c, a in answers.items()])
+    cfg = RunConfig(rank=4, ranks=[2, 4], rank_shares=[1.0, 1.0], num_clients=4, clients_per_round=4).validate()
+    method = FedIT(CFG, variant="feasible", min_rank=2)
+    strategy = HeteroLoRAStrategy(method, cfg)
+    strategy.nodes, strategy.record = {c: 100 + c for c in range(4)}, RoundRecord(round=1)
+    strategy._query = lambda node, rnd: None
+    state = {"L.plora_A": torch.zeros(4, 2), "L.plora_B": torch.zeros(3, 4), "head.weight": torch.zeros(2)}
+    from fedplora.federation.strategy import state_to_arrays
+
+    pairs = strategy.round_tasks(1, state_to_arrays(state), 0, grid)
+    assert [info.cid for info, _ in pairs] == [3]
+    reasons = {f["cid"]: (f["stage"], f["reason"]) for f in strategy.record.failures}
+    assert reasons[0][0] == reasons[1][0] == "query" and "integers >= 1" in reasons[0][1]
+    assert reasons[2] == ("configure", "client 2 has budget 1 < min_rank 2: min_rank must be the smallest budget "
+                                       "in the federation")

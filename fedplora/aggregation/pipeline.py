@@ -27,25 +27,25 @@ def refusal(method, aggregator: str) -> str | None:
     allowed = method.aggregators
     if aggregator in allowed:
         return None
-    use = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+    use = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
     return f"aggregator {aggregator} is not defined for {method.name}: {method.aggregator_refusal}; use {use}"
 
 
 def reducer_for(method, how: "Reducer | CentralDP | Aggregator | str | None" = None) -> Reducer:
     """The reducer for ``how`` (a reducer, central DP settings, a robust rule or its name; None: the mean), after
     checking that ``method`` defines it: what it does not raises one ValueError line, before any round."""
-    if isinstance(how, Private):
-        how = how.dp
-    if isinstance(how, CentralDP):
+    if isinstance(how, (Private, CentralDP)):
         if method.dp_refusal:
             raise ValueError(f"central DP is not defined for {method.name}: {method.dp_refusal}")
-        return Private(how, method.dp_pair_counts(how))
+        return how if isinstance(how, Private) else Private(how, method.dp_pair_counts(how))
     rule = how.aggregator if isinstance(how, Reducer) else Aggregator.of(how)
     if rule.name not in AGGREGATORS:
         raise ValueError(f"aggregator: must be one of {', '.join(AGGREGATORS)}, got {rule.name!r}")
     problem = refusal(method, rule.name)
     if problem:
         raise ValueError(problem)
+    if isinstance(how, Reducer):
+        return how
     return Mean() if rule.name == "mean" else Robust(rule)
 
 
@@ -57,13 +57,13 @@ def aggregate(method, state: State, tasks: list, updates: list, how=None,
     ``rng.torch_generator("dp_noise", seed, round)``). ``server_opt``: a server optimizer that steps towards the
     decoded aggregate (pair space only; ``server_opt.py``). No replies: the state unchanged.
     """
-    reducer = how if isinstance(how, Reducer) and not isinstance(how, Private) else reducer_for(method, how)
+    reducer = reducer_for(method, how)
     if not updates:
         return dict(state)
+    if server_opt is not None and not server_opt.identity and method.server_opt_refusal:
+        raise ValueError(f"server optimizer {server_opt.name} is not defined for {method.name}: "
+                         f"{method.server_opt_refusal}")
     if method.space == "products":
-        if server_opt is not None and not server_opt.identity:
-            raise ValueError(f"server optimizer {server_opt.name}: {method.name} aggregates in product space, there "
-                             "are no pairs to step")
         return method.combine(state, tasks, updates, reducer.aggregator)
     if len(tasks) != len(updates):
         raise ValueError(f"aggregate: {len(updates)} updates but {len(tasks)} tasks; pass the task each update answers")
@@ -122,7 +122,8 @@ def check_secure_sums(method, state: State, sums: State, clients: int | None = N
             raise ValueError(f"secure sums: {key} contains NaN or Inf")
     if clients is None:
         return
-    for key in layout_keys(shapes)[3]:
+    _, _, weights, counts = layout_keys(shapes)
+    for key in counts:
         count = sums[key]
         off = float((count - count.round()).abs().max())
         if off > 0.01 or float(count.min()) < -0.01 or float(count.max()) > clients + 0.01:
@@ -130,3 +131,11 @@ def check_secure_sums(method, state: State, sums: State, clients: int | None = N
                              f"(range {float(count.min()):.4g}..{float(count.max()):.4g})")
         if key == HEADS_COUNT and round(float(count[0])) != clients:
             raise ValueError(f"secure sums: {clients} uploads were summed but {key} counts {float(count[0]):.4g}")
+    bound = method.secure_weight_bound
+    for w_key, c_key in zip(weights, counts):  # a weight steers the division: no negative, none 0 under a count
+        w, trained = sums[w_key], sums[c_key].round() > 0
+        if float(w.min()) < -0.01 or bool((w[trained] <= 0).any()) or (
+                bound is not None and float(w.max()) > clients * bound + 0.01):
+            raise ValueError(f"secure sums: {w_key} is not a sum of {clients} clients' weights (range "
+                             f"{float(w.min()):.4g}..{float(w.max()):.4g}, positive where a pair was trained"
+                             + (f", at most {bound:g} a client" if bound is not None else "") + ")")

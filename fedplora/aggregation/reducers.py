@@ -109,8 +109,15 @@ class Robust(Reducer):
         return self.rule.describe()
 
     def reduce(self, contributions: list[Contribution], generator: torch.Generator | None = None) -> Reduced:
+        """The rule's step per unit; a pair's count is its trainers' (a client that only holds it with a zero
+        change, as under aggregate_over="all", trained nothing there), and 0 where the rule kept no holder."""
         step = combine(self.rule, [UnitDelta(c.deltas) for c in contributions])
-        return Reduced(deltas_in_layout(shapes_of(contributions[0]), step), STEPS)
+        shapes = shapes_of(contributions[0])
+        out = deltas_in_layout(shapes, step)
+        for layer in layout_keys(shapes)[0]:
+            trained = sum(c.sums[layer + COUNT_SUFFIX] for c in contributions)
+            out[layer + COUNT_SUFFIX] = out[layer + COUNT_SUFFIX] * trained
+        return Reduced(out, STEPS)
 
 
 @dataclass(frozen=True)

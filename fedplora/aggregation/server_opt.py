@@ -12,10 +12,13 @@ then moves x instead of replacing it by x_bar:
   writes the bias correction one step ahead, with the server round + 1; we count steps).
 * ``yogi``: as adam with v <- v - (1 - beta2) delta^2 sign(v - delta^2) and no bias correction (Flower's FedYogi).
 
-A pair nobody trained in a round (no contribution: its count is 0) is not stepped: it keeps its value, and its
-moments and step count wait for the next round in which someone trains it (a "lazy" optimizer, as sparse
+A pair nobody trained in a round (no contribution: its count is 0) is not stepped: it takes the method's own
+value for such a pair (its value, or HetLoRA's literal zero), and its moments and step count wait for the next
+round in which someone trains it (a "lazy" optimizer, as sparse
 Adam): in Fed-PLoRA and FSLoRA most pairs are trained by only some clients, and a zero pseudo-gradient there is
-"no information", not "stay". The heads, which every client trains, are stepped every round. Everything is in
+"no information", not "stay". The heads, which every client trains, are stepped every round. Under central DP
+every pair that some client could train is released with noise every round, so every such pair is stepped (to
+skip the ones nobody trained would reveal who trained what). Everything is in
 float64 and cast back; the state (moments, step counts) is checkpointed with the global state, so a resumed run
 continues exactly (``state_dict`` / ``load_state_dict``).
 """
@@ -72,8 +75,7 @@ class ServerOptimizer:
         for layer in layer_names(old):
             mask = moved[layer]
             if not bool(mask.any()):
-                out[layer + A_SUFFIX], out[layer + B_SUFFIX] = old[layer + A_SUFFIX], old[layer + B_SUFFIX]
-                continue
+                continue  # nothing trained: the method's own value for untrained pairs (kept, or HetLoRA's zero)
             t = self._counter(layer, mask.shape[0])
             t[mask] += 1
             for key, rows in ((layer + A_SUFFIX, True), (layer + B_SUFFIX, False)):
@@ -88,8 +90,9 @@ class ServerOptimizer:
         return self.buffers.setdefault("t/" + name, torch.zeros(n, dtype=torch.float64))
 
     def _update(self, key: str, old: torch.Tensor, new: torch.Tensor, row_mask, col_mask, t: torch.Tensor):
-        """One tensor's step; a pair outside the mask keeps its value and its moments (A: rows, B: columns)."""
-        x, delta = old.double(), new.double() - old.double()
+        """One tensor's step; a pair outside the mask takes the method's own value for a pair nobody trained (its
+        aggregate: the old value, or HetLoRA's literal zero) and keeps its moments (A: rows, B: columns)."""
+        x, delta, untouched = old.double(), new.double() - old.double(), new.double()
         if row_mask is not None:
             keep = row_mask[:, None].expand_as(x)
             steps = t[:, None].expand_as(x)
@@ -102,7 +105,7 @@ class ServerOptimizer:
         m = self.buffers.setdefault("m/" + key, torch.zeros_like(x))
         if self.name == "avgm":
             m[keep] = self.momentum * m[keep] + delta[keep]
-            x = torch.where(keep, x + self.lr * m, x)
+            x = torch.where(keep, x + self.lr * m, untouched)
         else:
             v = self.buffers.setdefault("v/" + key, torch.zeros_like(x))
             m[keep] = self.beta1 * m[keep] + (1 - self.beta1) * delta[keep]
@@ -113,7 +116,7 @@ class ServerOptimizer:
             else:  # yogi
                 v[keep] = v[keep] - (1 - self.beta2) * d2 * torch.sign(v[keep] - d2)
                 rate = torch.full_like(x, self.lr)
-            x = torch.where(keep, x + rate * m / (torch.sqrt(v) + self.tau), x)
+            x = torch.where(keep, x + rate * m / (torch.sqrt(v) + self.tau), untouched)
         return x.to(old.dtype)
 
     # ------------------------------------------------------------ checkpoints

@@ -2,7 +2,8 @@
 
 Layout in the run folder::
 
-    checkpoint/state-r00003.safetensors   the global state (every method keeps all of it in tensors)
+    checkpoint/state-r00003.safetensors   the global state (every method keeps all of it in tensors), and the
+                                          server optimizer's moments under ``server_opt::`` keys
     checkpoint/checkpoint.json            the commit record: round, history, config, RNG states, the
                                           manifest (model identity, state keys/shapes/dtypes), the
                                           state file's size and SHA-256, and (with dp_mode on) the

@@ -254,7 +254,7 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
 
     In SecAgg+'s masked-vector stage the rest of the chain (the inner mods, then the handler) is handed the
     task as a plain train message (``task_content``, as a plain round sends it) and replies with the plain
-    update; that reply becomes the method's fixed-shape ``secure_encode`` of the update (``secure_reply``), as
+    update; that reply becomes the fixed-shape ``aggregation.secure_upload`` of the update (``secure_reply``), as
     legacy FitRes parameters, which ``secaggplus_mod`` quantizes and masks. Whatever the inner mods do to the
     update (local DP is the handler's; an injected attack, ``injection_mod``) is thus done before it is
     encoded.

@@ -20,7 +20,7 @@ in ``client_app.TRAIN_MODS``, inside ``secure_mod``) does all of the injecting:
   attack inside the handler.
 
 The order is the one the handler had: local DP (production, in the handler) first, then the attack, then, under
-secure aggregation, the method's ``secure_encode`` and SecAgg+'s masking (``secure_mod``, outside this mod: it
+secure aggregation, the client's ``aggregation.secure_upload`` and SecAgg+'s masking (``secure_mod``, outside this mod: it
 hands the handler, and so this mod, a plain task and encodes the plain reply). SecAgg+ calls the handler in its
 masked-vector stage only, so that is where an injected failure raises, as before.
 

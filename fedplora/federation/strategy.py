@@ -162,7 +162,11 @@ class HeteroLoRAStrategy(Strategy):
                 info = reply.content["info"]
                 if int(info["cid"]) != cid:
                     raise ValueError(f"node of client {cid} answered as client {info['cid']}")
-                infos[cid] = ClientInfo(cid=cid, budget=int(info["budget"]), num_samples=int(info["num_examples"]))
+                budget, examples = info["budget"], info["num_examples"]
+                if not (isinstance(budget, int) and budget >= 1 and isinstance(examples, int) and examples >= 1):
+                    raise ValueError(f"declared budget {budget!r} and example count {examples!r}: both must be "
+                                     "integers >= 1")
+                infos[cid] = ClientInfo(cid=cid, budget=budget, num_samples=examples)
             except Exception as e:  # a broken answer drops this client, never the round
                 self.record.fail(cid, "query", str(e) or type(e).__name__)
         for cid in cids:
@@ -263,7 +267,11 @@ class HeteroLoRAStrategy(Strategy):
         self._declared = {info.cid: info.num_samples for info in infos}
         out, self._pending = [], {}
         for info in infos:
-            task = self.method.configure_client(self.state, info, server_round)
+            try:
+                task = self.method.configure_client(self.state, info, server_round)
+            except ValueError as e:  # a budget the method cannot serve (FedIT feasible below its rank): this client
+                self.record.fail(info.cid, "configure", str(e))
+                continue
             self._pending[self.nodes[info.cid]] = (info.cid, task)
             self.privacy.asked(info.cid)  # local DP: it may upload a noisy update, counted whether or not it arrives
             out.append((info, task))
@@ -287,12 +295,19 @@ class HeteroLoRAStrategy(Strategy):
             t0 = time.perf_counter()
             generator = rng.torch_generator("dp_noise", self.cfg.seed, server_round)  # central DP's noise
             moments = self.server_opt.state_dict()
-            new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator, self.server_opt)
-            self.record.agg_s = time.perf_counter() - t0
-            if not self.finite(new_state):
+            try:
+                new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator,
+                                      self.server_opt)
+                self.record.agg_s = time.perf_counter() - t0
+                if not self.finite(new_state):
+                    raise FloatingPointError  # recorded by ``finite``
+                self.measure(self.state, new_state, accepted)
+            except Exception as e:  # whatever aggregation raised: the round fails, the global state stays
                 self.server_opt.load_state_dict(moments)  # a rejected aggregate leaves no trace, moments included
+                if not isinstance(e, FloatingPointError):
+                    self.record.fail(None, "round", f"aggregation failed ({type(e).__name__}: {e}): nothing "
+                                                    "aggregated, global state unchanged")
                 return None, None
-            self.measure(self.state, new_state, accepted)
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.released()
         return state_to_arrays(new_state), MetricRecord({"bytes_up": self.record.bytes_up,
@@ -429,7 +444,7 @@ class HeteroLoRAStrategy(Strategy):
             if not self.finite(new_state):
                 self.server_opt.load_state_dict(moments)
                 return None
-            weights = [float(c["num_samples"]) if self.method.weighting == "samples" else 1.0 for c in rec.clients]
+            weights = [self.method.client_weight(ClientUpdate({}, {}, c["num_samples"])) for c in rec.clients]
             rec.measured(measure_round(self.method, self.state, tasks), [c["train_loss"] for c in rec.clients],
                          weights)
             rec.measure_s = time.perf_counter() - t0 - rec.agg_s

@@ -66,6 +66,8 @@ class FederatedMethod(ABC):
     aggregator_refusal: ClassVar[str] = ""  # why the others are not (one clause)
     dp_refusal: ClassVar[str | None] = None  # why central DP is not defined for it, or None
     secure_refusal: ClassVar[str | None] = None  # why secure aggregation is not defined for it, or None
+    secure_weight_bound: ClassVar[float | None] = 1.0  # the largest weight one client uploads under SecAgg+
+    server_opt_refusal: ClassVar[str | None] = None  # why a server optimizer is not defined for it, or None
     ignores_budgets: bool = False  # True only for a reference that trains rank R everywhere (FedIT ideal)
 
     def __init__(self, plora: PLoRAConfig, weighting: str = DEFAULT_WEIGHTING, seed: int = 0) -> None:

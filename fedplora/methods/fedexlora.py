@@ -36,6 +36,8 @@ def _pairs_and_heads(state: State) -> State:
 
 class FedExLoRA(FederatedMethod):
     name = "fedexlora"
+    server_opt_refusal = ("a server step on the mean factors would break what the residual makes exact: the global "
+                          "model equal to the mean of the clients' models")
     space = "products"
     aggregators = ("mean",)
     aggregator_refusal = ("its residual is the mean of every client's product B_i A_i, which a robust rule over "
@@ -77,7 +79,8 @@ class FedExLoRA(FederatedMethod):
                 B += w * Bi
                 product += w * (Bi @ Ai)
             new[a], new[b] = A.to(state[a].dtype), B.to(state[b].dtype)
-            new[res] = (state[res].double() + s * (product - B @ A)).to(state[res].dtype)
+            stored = new[b].double() @ new[a].double()  # the factors as stored: their rounding goes to the residual
+            new[res] = (state[res].double() + s * (product - stored)).to(state[res].dtype)
         new.update(average_heads(_pairs_and_heads(state), updates, weights))
         return {k: new[k] for k in state}
 

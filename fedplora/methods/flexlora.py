@@ -63,6 +63,8 @@ class FlexLoRA(LeadingPairsMethod):
     """
 
     name = "flexlora"
+    server_opt_refusal = ("its pairs are the SVD of each round's aggregate, re-based every round, so a pair carries "
+                          "no identity from one round to the next for momentum to follow")
     space = "products"
     aggregators = ("mean", "norm_clip", "krum")
     aggregator_refusal = ("FlexLoRA combines the clients' products B_i A_i, and a coordinate-wise statistic of them "
@@ -97,7 +99,7 @@ class FlexLoRA(LeadingPairsMethod):
         return new
 
     def robust_flexlora(self, state: State, tasks: list[ClientTask], updates: list[ClientUpdate], aggregator) -> State:
-        """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
+        """norm_clip or krum in product space (median and trimmed_mean are refused: ``aggregators``).
 
         Client i's delta is s (B_i A_i - B0_i A0_i), B0_i A0_i the rank-r_i truncation it was sent (its task's
         pairs), plus its heads' deltas; norms and distances come from the factors, never a d_out x d_in product.

@@ -82,6 +82,7 @@ class FLoRA(FederatedMethod):
     """
 
     name = "flora"
+    server_opt_refusal = "its clients train fresh adapters every round: no pairs carry over a round to step"
     space = "products"
     aggregators = ("mean", "norm_clip", "krum")
     aggregator_refusal = ("FLoRA's clients train fresh adapters with their own random A, so their factors share no "
@@ -120,7 +121,7 @@ class FLoRA(FederatedMethod):
         return new
 
     def robust_flora(self, state: State, updates: list[ClientUpdate], aggregator) -> State:
-        """norm_clip or krum in product space (median and trimmed_mean are refused, ``robust.refusal``).
+        """norm_clip or krum in product space (median and trimmed_mean are refused: ``aggregators``).
 
         Client i starts from B = 0, so its delta is s B_i A_i (plus its heads' deltas); norms and distances come
         from the factors. D gains s sum_i u_i c_i B_i A_i, stacked exactly as in ``aggregate``, with weights u_i

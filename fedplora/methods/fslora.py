@@ -6,7 +6,8 @@ every round (Fed-PLoRA's stream ``selection`` of (seed, round, client, layer)); 
 model is the sketch W0 + s (R/m_i) sum_{j drawn} b_j a_j^T: the unselected pairs are left out (no fold) and the
 selected ones scaled by R/m_i, so the sketch equals the global adapter in expectation. Only the drawn pairs are
 sent down and up. The server moves pair j by the sum of the drawn clients' changes over the number of sampled
-clients (``counts_everyone``: one that did not draw j adds a zero change), uniform by default
+clients whose replies it accepted (``counts_everyone``: one that did not draw j adds a zero change; a client
+that failed or was rejected is not in the round), uniform by default
 (``weighting``); a server optimizer (``server_optimizer``) may then take that mean change as its pseudo-gradient,
 as the authors' code does with AdamW.
 
@@ -26,7 +27,7 @@ from torch import nn
 from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_dict
 from ..measure import LayerFactors, LayerPairs
 from ..state import A_SUFFIX, B_SUFFIX, State, head_keys, layer_names
-from .base import DEFAULT_WEIGHTING, ClientInfo, ClientTask, ClientUpdate, FederatedMethod
+from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod
 from .fedplora import select_indices
 
 
@@ -38,9 +39,6 @@ def sketch_indices(m: int, rank: int, seed: int, server_round: int, cid: int, la
 
 class FSLoRA(FederatedMethod):
     name = "fslora"
-
-    def __init__(self, plora, weighting: str = DEFAULT_WEIGHTING, seed: int = 0) -> None:
-        super().__init__(plora, weighting, seed)
 
     def describe(self) -> str:
         return f"{self.name} (sketch of m_i of R={self.rank} pairs scaled by R/m_i, mean over every sampled client)"
@@ -104,8 +102,7 @@ class FSLoRA(FederatedMethod):
 
     # ------------------------------------------------------------ what an honest reply holds
     def expected_update_shapes(self, task: ClientTask, state: State) -> dict[str, tuple[int, ...]]:
-        shapes = {k: tuple(t.shape) for k, t in task.arrays.items()}
-        return {k: shapes[k] for k in task.arrays}
+        return {k: tuple(t.shape) for k, t in task.arrays.items()}  # the drawn pairs and the heads, as sent
 
     def expected_update_config(self, task: ClientTask) -> dict:
         return {"indices": task.config["indices"]}

@@ -32,6 +32,7 @@ class HetLoRA(LeadingPairsMethod):
     """
 
     name = "hetlora"
+    secure_weight_bound = None  # its weights are the clients' product norms, not shares in (0, 1]
 
     def __init__(self, plora, weighting: str = DEFAULT_WEIGHTING, seed: int = 0, keep_untrained: bool = True) -> None:
         super().__init__(plora, weighting, seed)
