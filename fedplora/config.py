@@ -244,6 +244,20 @@ class RunConfig:
     batch_size: int = setting(16, "local batch size", ge=1)
     lr: float = setting(4e-3, "local learning rate", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    # the controls an LLM run needs (FlowerTune's templates; fedplora/training.py)
+    lr_schedule: str = setting("constant", "the client learning rate over rounds: constant, cosine (FlowerTune's "
+                                           "cosine annealing from lr to lr_min) or linear", choices=("constant", "cosine",
+                                                                                                    "linear"))
+    lr_min: float = setting(0.0, "the rate lr_schedule ends at (FlowerTune: 1e-6)", ge=0, check=_finite)
+    grad_accum_steps: int = setting(1, "micro-batches of batch_size per optimizer step (the gradient of one batch "
+                                       "grad_accum_steps times larger, in the memory of one)", ge=1)
+    local_epochs: int | None = setting(None, "passes over the client's partition per round, instead of local_steps",
+                                       ge=1)
+    comm_budget_mb: float | None = setting(None, "the run's traffic budget (uploads and downloads, MB): past it the "
+                                                 "run warns, or stops (comm_budget_action); FlowerTune warns at "
+                                                 "200,000", gt=0, check=_finite)
+    comm_budget_action: str = setting("warn", "past comm_budget_mb: warn in the history and the console, or stop "
+                                              "after that round", choices=("warn", "stop"))
     # runtime
     round_timeout: float = setting(900.0, "seconds a round waits for its clients' replies", gt=0)
     min_replies: int = setting(1, "valid replies a round needs to aggregate", ge=1)
@@ -379,6 +393,9 @@ class RunConfig:
                                   "another --aggregator")
         self._dp_checks(need)
         self._secure_checks(need)
+        need(self.lr_schedule == "constant" or self.lr_min <= self.lr,
+             f"lr_min: {self.lr_min:g} is above lr={self.lr:g}; the {self.lr_schedule} schedule decays from lr to "
+             "lr_min (lower --lr-min)")
         need(self.server_optimizer != "none" or self.server_lr is None,
              "server_lr: is set but server_optimizer is none; choose --server-optimizer avgm, adam or yogi, or unset it")
         refusal = method_class(self.method).server_opt_refusal

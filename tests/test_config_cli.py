@@ -124,7 +124,9 @@ def _non_default(s):
                "max_update_norm": ("2.5", 2.5), "device": ("cpu", "cpu"), "client_gpus": ("0.25", 0.25),
                "gradient_checkpointing": ("", True),
                # a fraction the sampled aggregator (norm_clip) tolerates; local DP, which every method allows
-               "byzantine_fraction": ("0.1", 0.1), "dp_mode": ("local", "local")}
+               "byzantine_fraction": ("0.1", 0.1), "dp_mode": ("local", "local"),
+               # an epoch count instead of steps; a schedule's floor below the (halved) lr
+               "local_epochs": ("2", 2), "lr_min": ("0.0001", 1e-4)}
     if s.name in samples:
         return samples[s.name]
     if s.rule.choices:

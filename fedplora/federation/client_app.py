@@ -42,7 +42,7 @@ from ..methods import METHODS, ClientUpdate, make_method, plora_config
 from ..planner import apply_plan, held_bytes, parse_memory, round_plan
 from ..tasks import make_task
 from ..tasks.partition import partition_for
-from ..training import local_seed, train_local
+from ..training import local_seed, round_lr, train_local
 from .accounting import central_dp, dp_noise_multiplier  # noqa: F401 (central_dp: the run's DP settings)
 from .heterogeneity import assign_budgets, round_budget
 from .injection import InjectionMod, injected_failure  # noqa: F401 (injected_failure: read here by tests)
@@ -308,7 +308,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = rt.data(cid)
     private = cfg.dp_mode == "local"
     start = method.client_update(rt.model, task, num_samples=len(data)).arrays if private else None
-    metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    lr = round_lr(cfg.lr, cfg.lr_min, cfg.lr_schedule, server_round, cfg.rounds)
+    metrics = train_local(rt.model, rt.task, data, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=lr,
+                          grad_accum_steps=cfg.grad_accum_steps, epochs=cfg.local_epochs,
                           weight_decay=cfg.weight_decay, seed=local_seed(cfg.seed, server_round, cid))
     update = method.client_update(rt.model, task, num_samples=len(data))
     if private:  # local DP: clipped and noised here, before anything leaves the client

@@ -220,9 +220,27 @@ class HeteroLoRAStrategy(Strategy):
             metrics = evaluate_fn(rnd, arrays) if evaluate_fn else None
             entry = {**self.record.entry(), "metrics": dict(metrics or {}), "eval_s": time.perf_counter() - t_eval,
                      "wall_s": time.perf_counter() - t0}
+            over = self.over_budget(history + [entry])
+            if over:
+                entry["comm_budget_exceeded"] = over
             history.append(entry)
             self._finish_round(result, entry, metrics, arrays, on_round)
+            if over and self.cfg.comm_budget_action == "stop":
+                break
         return result
+
+    def over_budget(self, history: list[dict[str, Any]]) -> str | None:
+        """Past ``comm_budget_mb`` (every round's bytes up and down so far): the line the history and the console
+        carry, else None. FlowerTune's templates warn at 200,000 MB."""
+        if self.cfg.comm_budget_mb is None:
+            return None
+        used = sum(h.get("bytes_up", 0) + h.get("bytes_down", 0) for h in history) / 1e6
+        if used <= self.cfg.comm_budget_mb:
+            return None
+        line = (f"communication budget exceeded: {used:.1f} MB of comm_budget_mb={self.cfg.comm_budget_mb:g} after "
+                f"round {history[-1]['round']}" + (", run stopped" if self.cfg.comm_budget_action == "stop" else ""))
+        self._status(line)
+        return line
 
     @staticmethod
     def _finish_round(result: Result, entry: dict[str, Any], metrics: MetricRecord | None, arrays: ArrayRecord,
