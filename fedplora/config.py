@@ -253,6 +253,9 @@ class RunConfig:
                                        "grad_accum_steps times larger, in the memory of one)", ge=1)
     local_epochs: int | None = setting(None, "passes over the client's partition per round, instead of local_steps",
                                        ge=1)
+    prompt_template: str = setting("alpaca", "instruct task: the Alpaca prompt (### Instruction / ### Response), or "
+                                             "chat: the model's own chat template, rendered by its tokenizer",
+                                   choices=("alpaca", "chat"))
     comm_budget_mb: float | None = setting(None, "the run's traffic budget (uploads and downloads, MB): past it the "
                                                  "run warns, or stops (comm_budget_action); FlowerTune warns at "
                                                  "200,000", gt=0, check=_finite)

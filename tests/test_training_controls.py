@@ -96,3 +96,34 @@ def test_the_communication_budget_warns_or_stops_the_run(tiny_assets, in_process
                              tmp_path / "stop")
     assert [h["round"] for h in stopped["history"]] == [0, 1] and "run stopped" in stopped["history"][1][
         "comm_budget_exceeded"]
+
+
+def test_a_chat_template_prompt_is_the_tokenizers_own_rendering(tmp_path):
+    """prompt_template = "chat": the instruct task renders each record with the model's chat template (SmolLM2's
+    tokenizer, the real one), the response closed by its end-of-turn token; "alpaca" stays the Alpaca prompt."""
+    import json
+
+    from assets import make_tiny_causal_lm
+    from fedplora.tasks import make_task
+    from fedplora.tasks.instruct import chat_messages, format_prompt
+
+    model = str(make_tiny_causal_lm(tmp_path / "tiny-llama"))
+    records = [{"instruction": "Give a headline.", "input": "Rain all week in the north.", "output": "Wet week"},
+               {"instruction": "Say hello.", "input": "", "output": "Hello"}]
+    (tmp_path / "d.json").write_text(json.dumps(records * 4))
+    base = dict(task="instruct", model=model, dataset=str(tmp_path / "d.json"), max_seq_len=128)
+    chat = make_task(RunConfig(**base, prompt_template="chat").validate())
+    train, _ = chat.load_splits()
+    rows = chat.encode(train)
+    tok = chat.tokenizer
+    for row in rows:
+        rec = next(r for r in records if r["output"] == row["response"])
+        own = tok.apply_chat_template(chat_messages(rec["instruction"], rec["input"]), tokenize=False,
+                                      add_generation_prompt=True)
+        assert row["prompt"] == own and own.startswith("<|im_start|>") and own.endswith("<|im_start|>assistant\n")
+        assert row["input_ids"][:row["prompt_len"]] == tok(own, add_special_tokens=False)["input_ids"]
+        assert tok.decode(row["input_ids"][row["prompt_len"]:]) == rec["output"] + tok.eos_token
+    alpaca = make_task(RunConfig(**base).validate())
+    first = alpaca.encode(alpaca.load_splits()[0])[0]
+    rec = next(r for r in records if r["output"] == first["response"])
+    assert first["prompt"] == format_prompt(rec["instruction"], rec["input"])

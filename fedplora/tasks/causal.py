@@ -46,10 +46,11 @@ class CausalLMTask(Task):
         return model
 
     # ------------------------------------------------------------ tokenisation
-    def tokenize_pair(self, prompt: str, response: str) -> tuple[list[int], int]:
-        """(input ids, prompt length) within ``max_seq_len``."""
+    def tokenize_pair(self, prompt: str, response: str, special: bool = True) -> tuple[list[int], int]:
+        """(input ids, prompt length) within ``max_seq_len``. ``special``: the tokenizer adds its own special tokens
+        to the prompt (False for a prompt rendered by its chat template, which already holds them)."""
         tok, budget = self.tokenizer, self.config.max_seq_len
-        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        p = tok(prompt, add_special_tokens=special)["input_ids"]
         if tok.eos_token_id is not None and p and p[-1] == tok.eos_token_id:
             p = p[:-1]  # a tokenizer that closes every text with EOS: the prompt must stay open
         r = tok(response, add_special_tokens=False)["input_ids"]

@@ -49,7 +49,7 @@ def normalise(records: list[dict[str, Any]], source: str) -> dict[str, list[str]
     """Alpaca or Dolly records (each record either) -> columns prompt, response, category."""
     if not records:
         raise DataError(f"instruct: {source} has no records")
-    cols: dict[str, list[str]] = {"prompt": [], "response": [], "category": []}
+    cols: dict[str, list[str]] = {"prompt": [], "response": [], "category": [], "instruction": [], "context": []}
     for n, rec in enumerate(records, start=1):
         keys = FORMATS["dolly"] if isinstance(rec, dict) and "response" in rec else FORMATS["alpaca"]
         ins, ctx, out = keys
@@ -60,6 +60,8 @@ def normalise(records: list[dict[str, Any]], source: str) -> dict[str, list[str]
         if not rec[out].strip():
             continue
         cols["prompt"].append(format_prompt(rec[ins], str(rec.get(ctx) or "")))
+        cols["instruction"].append(rec[ins].strip())
+        cols["context"].append(str(rec.get(ctx) or "").strip())
         cols["response"].append(rec[out].strip())
         cols["category"].append(str(rec.get("category") or "none"))
     if not cols["prompt"]:
@@ -108,11 +110,34 @@ def bbc_headlines() -> dict[str, list[str]]:
     return normalise(records, "the BBC News headlines")
 
 
+def chat_messages(instruction: str, context: str = "") -> list[dict[str, str]]:
+    """One user turn: the instruction, and its input below it where there is one."""
+    return [{"role": "user", "content": f"{instruction}\n\n{context}" if context else instruction}]
+
+
 class InstructTask(CausalLMTask):
     name = "instruct"
     metric = "rougeL"
     label_column = "category"
     stop_strings = ("\n###", "### Instruction")
+
+    def encode(self, dataset: Dataset) -> Dataset:
+        """``prompt_template``: the Alpaca prompt, or ``chat``: the model's own chat template (a user turn, then the
+        assistant's turn opened), rendered by its tokenizer; the response then closes with its end-of-turn token."""
+        if self.config.prompt_template != "chat":
+            return super().encode(dataset)
+        tok = self.tokenizer
+        if not tok.chat_template:
+            raise DataError(f"prompt_template chat: the tokenizer of {self.config.model or 'the model'} has no chat "
+                            "template; use --prompt-template alpaca")
+
+        def fn(row):
+            prompt = tok.apply_chat_template(chat_messages(row["instruction"], row["context"]), tokenize=False,
+                                             add_generation_prompt=True)
+            ids, n = self.tokenize_pair(prompt, row["response"], special=False)
+            return {"prompt": prompt, "input_ids": ids, "prompt_len": n}
+
+        return dataset.map(fn)
 
     def load_splits(self) -> tuple[Dataset, Dataset]:
         source = self.config.dataset
