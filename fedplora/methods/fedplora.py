@@ -28,6 +28,7 @@ from ..adapters import get_plora_state_dict, select_and_fold, set_plora_state_di
 from ..adapters.model import A_SUFFIX, B_SUFFIX
 from ..measure import LayerFactors, LayerPairs, per_pair_mean_of_products
 from .base import DEFAULT_WEIGHTING, ClientInfo, ClientTask, ClientUpdate, FederatedMethod, State, head_keys, layer_names
+from .pairs import placed_pairs, selected_pairs
 
 
 def select_indices(budget: int, rank: int, seed: int, server_round: int, cid: int, layer: int = 0) -> list[int]:
@@ -69,13 +70,8 @@ class FedPLoRA(FederatedMethod):
                        for k, name in enumerate(layers)}
         if self.unselected == "fold":  # every pair: the selected to train, the rest to fold
             return ClientTask(arrays=dict(state), config={"rank": budget, "indices": indices})
-        arrays: State = {}  # drop: the client's model holds the selected pairs only, so only they go down
-        for layer, idx in indices.items():
-            i = torch.tensor(idx, dtype=torch.long)
-            arrays[layer + A_SUFFIX] = state[layer + A_SUFFIX][i].clone()
-            arrays[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, i].clone()
-        arrays.update({k: state[k] for k in head_keys(state)})
-        return ClientTask(arrays=arrays, config={"rank": budget, "indices": indices})
+        # drop: the client's model holds the selected pairs only, so only they go down
+        return ClientTask(arrays=selected_pairs(state, indices), config={"rank": budget, "indices": indices})
 
     # ------------------------------------------------------------ aggregation: pair j over the clients in Q_j
     # The mean: pair j moves by the weighted mean of its trainers' changes (participants) or of every sampled
@@ -104,14 +100,7 @@ class FedPLoRA(FederatedMethod):
         alone, at their indices and zeros elsewhere (drop)."""
         if self.unselected == "fold":
             return task.arrays
-        arrays = dict(task.arrays)
-        for layer, idx in task.config["indices"].items():
-            A, B = task.arrays[layer + A_SUFFIX], task.arrays[layer + B_SUFFIX]
-            full_A = torch.zeros(self.rank, A.shape[1], dtype=A.dtype)
-            full_B = torch.zeros(B.shape[0], self.rank, dtype=B.dtype)
-            full_A[idx], full_B[:, idx] = A, B
-            arrays[layer + A_SUFFIX], arrays[layer + B_SUFFIX] = full_A, full_B
-        return arrays
+        return placed_pairs(task.arrays, task.config["indices"], self.rank)
 
     def start_pairs(self, task: ClientTask, held: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self.unselected == "fold":

@@ -29,6 +29,7 @@ from ..measure import LayerFactors, LayerPairs
 from ..state import A_SUFFIX, B_SUFFIX, State, head_keys, layer_names
 from .base import ClientInfo, ClientTask, ClientUpdate, FederatedMethod
 from .fedplora import select_indices
+from .pairs import placed_pairs, selected_pairs
 
 
 def sketch_indices(m: int, rank: int, seed: int, server_round: int, cid: int, layer: int) -> list[int]:
@@ -51,13 +52,7 @@ class FSLoRA(FederatedMethod):
         m = self.client_rank(client)
         indices = {layer: sketch_indices(m, self.rank, self.seed, server_round, client.cid, k + 1)
                    for k, layer in enumerate(layer_names(state))}
-        arrays: State = {}
-        for layer, idx in indices.items():  # only the drawn pairs go down
-            i = torch.tensor(idx, dtype=torch.long)
-            arrays[layer + A_SUFFIX] = state[layer + A_SUFFIX][i].clone()
-            arrays[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, i].clone()
-        arrays.update({k: state[k] for k in head_keys(state)})
-        return ClientTask(arrays=arrays, config={"rank": m, "indices": indices})
+        return ClientTask(arrays=selected_pairs(state, indices), config={"rank": m, "indices": indices})  # the drawn
 
     # aggregation: pair j's changes summed over the clients that drew it, over every sampled client's weight
     def trained_pairs(self, task: ClientTask, update: ClientUpdate) -> dict[str, list[int]]:
@@ -77,16 +72,10 @@ class FSLoRA(FederatedMethod):
     # ------------------------------------------------------------ client side
     def sketch(self, task: ClientTask, arrays: State | None = None) -> State:
         """All R pairs of the client's local model: the drawn ones (B scaled by R/m_i), zeros elsewhere."""
-        arrays = task.arrays if arrays is None else arrays
-        c, out = self.sketch_scale(task), {}
-        for layer, idx in task.config["indices"].items():
-            A, B = arrays[layer + A_SUFFIX], arrays[layer + B_SUFFIX]
-            full_A = torch.zeros(self.rank, A.shape[1], dtype=A.dtype)
-            full_B = torch.zeros(B.shape[0], self.rank, dtype=B.dtype)
-            full_A[idx], full_B[:, idx] = A, c * B
-            out[layer + A_SUFFIX], out[layer + B_SUFFIX] = full_A, full_B
-        out.update({k: task.arrays[k] for k in head_keys(task.arrays)})
-        return out
+        pairs = task.arrays if arrays is None else arrays
+        out = placed_pairs({k: v for k, v in pairs.items() if k not in head_keys(pairs)}, task.config["indices"],
+                           self.rank, self.sketch_scale(task))
+        return out | {k: task.arrays[k] for k in head_keys(task.arrays)}
 
     def client_setup(self, model: nn.Module, task: ClientTask) -> None:
         set_plora_state_dict(model, self.sketch(task))

@@ -22,6 +22,31 @@ def leading_pairs(state: State, rank: int) -> State:
     return out
 
 
+def selected_pairs(state: State, indices: dict[str, list[int]]) -> State:
+    """Per layer the pairs at ``indices`` (in that order), plus the heads: what a client whose model holds only its
+    selected pairs is sent (Select-N-Drop, FSLoRA's sketch)."""
+    out: State = {}
+    for layer, idx in indices.items():
+        i = torch.tensor(idx, dtype=torch.long)
+        out[layer + A_SUFFIX] = state[layer + A_SUFFIX][i].clone()
+        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, i].clone()
+    out.update({k: state[k] for k in head_keys(state)})
+    return out
+
+
+def placed_pairs(arrays: State, indices: dict[str, list[int]], rank: int, b_scale: float = 1.0) -> State:
+    """The inverse: all R pairs of each layer, the given ones at ``indices`` (B times ``b_scale``), zeros elsewhere;
+    the heads as they are."""
+    out = dict(arrays)
+    for layer, idx in indices.items():
+        A, B = arrays[layer + A_SUFFIX], arrays[layer + B_SUFFIX]
+        full_A = torch.zeros(rank, A.shape[1], dtype=A.dtype)
+        full_B = torch.zeros(B.shape[0], rank, dtype=B.dtype)
+        full_A[idx], full_B[:, idx] = A, (B if b_scale == 1.0 else b_scale * B)
+        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = full_A, full_B
+    return out
+
+
 def pad_pairs(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad r pairs to ``rank`` pairs; a zero pair adds nothing to B @ A."""
     r = A.shape[0]
