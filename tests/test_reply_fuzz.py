@@ -495,6 +495,23 @@ def test_a_round_whose_aggregate_is_not_finite_leaves_the_state_unchanged(monkey
     assert "cls.bias NaN or Inf" in rnd.strategy.record.failures[-1]["reason"]
 
 
+def test_a_round_whose_aggregation_raises_fails_and_the_server_goes_on(monkeypatch):
+    """Whatever aggregation raises (an SVD that does not converge, a method's bug) fails that round, with its reason;
+    the global state stays and the server can run the next round."""
+    rnd = Round("flexlora")
+    honest = {0: _wire(rnd.honest(0, seed=0), HONEST_METRICS)}
+
+    def broken(state, tasks, updates, aggregator):
+        raise RuntimeError("linalg.svd: the algorithm failed to converge")
+
+    monkeypatch.setattr(rnd.method, "combine", broken)
+    assert rnd.aggregate(honest) is None and rnd.unchanged()
+    failure = rnd.strategy.record.failures[-1]
+    assert failure["stage"] == "round" and "aggregation failed (RuntimeError: linalg.svd" in failure["reason"]
+    monkeypatch.undo()
+    assert rnd.aggregate(honest) is not None  # the next round aggregates
+
+
 def test_update_content_of_an_honest_reply_round_trips():
     """The client's own encoder (``update_content``) makes replies the server accepts, for every method."""
     for name in VARIANTS:

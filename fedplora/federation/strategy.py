@@ -317,14 +317,15 @@ class HeteroLoRAStrategy(Strategy):
                 new_state = aggregate(self.method, self.state, tasks, updates, self.reducer, generator,
                                       self.server_opt)
                 self.record.agg_s = time.perf_counter() - t0
-                if not self.finite(new_state):
-                    raise FloatingPointError  # recorded by ``finite``
-                self.measure(self.state, new_state, accepted)
+                usable = self.finite(new_state)  # a NaN or Inf is recorded there
+                if usable:
+                    self.measure(self.state, new_state, accepted)
             except Exception as e:  # whatever aggregation raised: the round fails, the global state stays
+                self.record.fail(None, "round", f"aggregation failed ({type(e).__name__}: {e}): nothing "
+                                                "aggregated, global state unchanged")
+                usable = False
+            if not usable:
                 self.server_opt.load_state_dict(moments)  # a rejected aggregate leaves no trace, moments included
-                if not isinstance(e, FloatingPointError):
-                    self.record.fail(None, "round", f"aggregation failed ({type(e).__name__}: {e}): nothing "
-                                                    "aggregated, global state unchanged")
                 return None, None
             self.record.measure_s = time.perf_counter() - t0 - self.record.agg_s
         self.released()
