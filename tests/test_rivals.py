@@ -196,6 +196,23 @@ def test_each_rival_runs_through_the_server_and_the_real_client(name, tiny_asset
         assert all(c["bytes_down"] > c["bytes_up"] for h in rounds for c in h["clients"])
 
 
+def test_select_n_drop_sends_only_the_selected_pairs(tiny_assets, in_process, tmp_path):
+    """Select-N-Drop's client model holds only its r_i selected pairs, so only those go down: its download is its
+    upload (pairs and head), where the published rule (fold) sends all R pairs down for the fold."""
+    from fedplora.federation.server_app import run_federation
+    from test_fault_tolerance import InProcessGrid, _small_cfg
+
+    clients = {}
+    for unselected in ("drop", "fold"):
+        cfg = _small_cfg(tiny_assets, method="fedplora", unselected=unselected, rounds=2)
+        summary = run_federation(InProcessGrid(cfg.num_clients), cfg, tmp_path / unselected)
+        clients[unselected] = [c for h in summary["history"][1:] for c in h["clients"]]
+    head = (3 * 32 + 3) * 4
+    assert all(c["bytes_down"] == c["bytes_up"] == 4 * c["rank"] * (32 + 32) * 4 + head for c in clients["drop"])
+    assert all(c["bytes_down"] == 4 * cfg.rank * (32 + 32) * 4 + head for c in clients["fold"])
+    assert any(c["rank"] < cfg.rank for c in clients["fold"])  # so the two differ
+
+
 @pytest.mark.slow
 def test_flower_runs_a_rival_end_to_end(tiny_assets, tmp_path):
     from fedplora.cli import main
