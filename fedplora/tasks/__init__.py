@@ -6,6 +6,7 @@ from ..quiet import quiet_libraries
 from .base import DataError, Task
 from .bbc import BBCTask
 from .code import CodeTask
+from .flowertune import FLOWERTUNE_TASKS
 from .glue import GLUE, GLUE_TASKS
 from .instruct import InstructTask
 from .tweets import TweetsTask
@@ -14,7 +15,7 @@ quiet_libraries()
 
 # every GLUE row is a task name of its own (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)
 TASKS: dict[str, type[Task]] = {"tweets": TweetsTask, "bbc": BBCTask, **GLUE_TASKS, "instruct": InstructTask,
-                                "code": CodeTask}
+                                "code": CodeTask, **FLOWERTUNE_TASKS}  # flowertune-<challenge>: FlowerTune's four
 
 
 def make_task(config) -> Task:
