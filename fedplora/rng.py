@@ -34,6 +34,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
     "eval_subset": (),                             # the held-out examples evaluated every round
     "generation_subset": (),                       # the held-out examples generated per evaluation
     "problem_order": (),                           # the order of code problems
+    "benchmark_subset": (),                        # `fedplora evaluate --max-examples`: the rows scored
     "svd": (),                                     # randomized linear algebra in a method (FlexLoRA)
     "flora_init": ("round", "cid", "layer"),       # FLoRA's fresh A of a client's layer each round
     "dp_noise": ("round",),                        # central DP: the server's noise on a round's sums
