@@ -1,4 +1,5 @@
-"""``fedplora`` command line: ``fedplora run`` (one federated run on the Simulation Engine)."""
+"""``fedplora`` command line: ``fedplora run`` (one federated run on the Simulation Engine), ``compare``,
+``deploy-local``, ``plan``, ``study`` and ``evaluate`` (an exported adapter on FlowerTune's benchmarks)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .study import add_study_parser
 
     add_study_parser(sub)
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     # added after the parsers that copy ``run``'s flags: only ``fedplora run`` resumes
     run.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR after its last checkpointed "
                                                       "round, with its own settings (DIR/config.toml)")
@@ -196,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_deploy_local(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "evaluate":
+            from .evaluate import evaluate_main
+
+            return evaluate_main(args)
         if args.command == "study":
             from .study import study_main
 
