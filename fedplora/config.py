@@ -282,8 +282,10 @@ class RunConfig:
                                                   "about a third more compute)")
     out: str | None = setting(None, "output folder (default runs/<method>-<task>-<time>)")
     # fault tolerance (docs/fault-tolerance.md)
-    connect_timeout: float = setting(900.0, "seconds for all clients to connect and answer the first query "
-                                            "(cold start)", gt=0)
+    connect_timeout: float = setting(900.0, "seconds for min_nodes nodes to connect, and for a node to answer its "
+                                            "first query (cold start: it may load its model and data first)", gt=0)
+    min_nodes: int | None = setting(None, "nodes connected before the first round (default num_clients; a "
+                                          "deployment of many devices may start with fewer)", ge=1)
     checkpoint_every: int = setting(1, "write a resumable checkpoint every k rounds (and after the last)",
                                     ge=0, hint="0 = no checkpoints")
     on_too_few_replies: str = setting("skip", "fewer than min_replies valid replies: skip the round or retry it",
@@ -361,6 +363,8 @@ class RunConfig:
         need(self.clients_per_round <= self.num_clients,
              f"clients_per_round: {self.clients_per_round} is more than num_clients={self.num_clients}; "
              "lower --clients-per-round or raise --clients")
+        need(self.min_nodes is None or self.min_nodes <= self.num_clients,
+             f"min_nodes: {self.min_nodes} is more than num_clients={self.num_clients}; lower --min-nodes")
         need(self.min_replies <= self.clients_per_round,
              f"min_replies: {self.min_replies} is more than clients_per_round={self.clients_per_round}; "
              "lower --min-replies or raise --clients-per-round")

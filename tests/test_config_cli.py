@@ -119,7 +119,7 @@ def _non_default(s):
                "dataset": ("org/name", "org/name"), "cache_dir": ("/tmp/c c", "/tmp/c c"),
                "rounds": ("3", 3), "num_clients": ("12", 12), "clients_per_round": ("3", 3), "seed": ("-4", -4),
                "rank": ("16", 16), "ranks": ("1,16", [1, 16]), "rank_shares": ("6:3", [6.0, 3.0]),
-               "targets": ("q_proj,v_proj", ["q_proj", "v_proj"]), "min_replies": ("2", 2),
+               "targets": ("q_proj,v_proj", ["q_proj", "v_proj"]), "min_replies": ("2", 2), "min_nodes": ("5", 5),
                "partition_column": ("category", "category"), "out": ("runs/x", "runs/x"),
                "max_update_norm": ("2.5", 2.5), "device": ("cpu", "cpu"), "client_gpus": ("0.25", 0.25),
                "gradient_checkpointing": ("", True),

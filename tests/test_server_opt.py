@@ -153,12 +153,13 @@ def test_the_server_drops_a_client_whose_budget_answer_it_cannot_serve():
     answers = {0: {"cid": 0, "budget": 0, "num_examples": 5}, 1: {"cid": 1, "budget": 2, "num_examples": 5.5},
                2: {"cid": 2, "budget": 1, "num_examples": 5}, 3: {"cid": 3, "budget": 4, "num_examples": 5}}
     grid = types.SimpleNamespace(send_and_receive=lambda messages, timeout=None: [Answer(100 + c, a)
-                                                                                  for c, a in answers.items()])
+                                                                                  for c, a in answers.items()],
+                                 get_node_ids=lambda: [100 + c for c in answers])
     cfg = RunConfig(rank=4, ranks=[2, 4], rank_shares=[1.0, 1.0], num_clients=4, clients_per_round=4).validate()
     method = FedIT(CFG, variant="feasible", min_rank=2)
     strategy = HeteroLoRAStrategy(method, cfg)
-    strategy.nodes, strategy.record = {c: 100 + c for c in range(4)}, RoundRecord(round=1)
-    strategy._query = lambda node, rnd: None
+    strategy.record = RoundRecord(round=1)
+    strategy._query = lambda *args: None
     state = {"L.plora_A": torch.zeros(4, 2), "L.plora_B": torch.zeros(3, 4), "head.weight": torch.zeros(2)}
     from fedplora.federation.strategy import state_to_arrays
 

@@ -1,6 +1,6 @@
 """The Flower ClientApp: thin wiring around the method core.
 
-``query``: tell the server who this client is (its data partition id), how many
+``query``: tell the server which client this node serves (``client_id``), how many
 examples it holds and its rank budget this round. ``train``: load the task the
 server sent, run the method's client side, train locally, reply with the update.
 The run's settings arrive in the message (``setup``), so the same app serves the
@@ -44,9 +44,10 @@ from ..tasks import make_task
 from ..tasks.partition import partition_for
 from ..training import local_seed, round_lr, train_local
 from .accounting import central_dp, dp_noise_multiplier  # noqa: F401 (central_dp: the run's DP settings)
-from .heterogeneity import assign_budgets, round_budget
+from .heterogeneity import base_budget, round_budget
 from .injection import InjectionMod, injected_failure  # noqa: F401 (injected_failure: read here by tests)
-from .messages import read_secure_task, read_task, secure_reply_content, task_content, update_content
+from .messages import (read_secure_task, read_task, secure_reply_content, secure_task_cid, task_content,
+                       update_content)
 
 app = ClientApp()
 
@@ -181,7 +182,20 @@ def runtime(cfg: RunConfig, context: Context) -> ClientRuntime:
     return _runtimes[key]
 
 
-def client_id(context: Context, cfg: RunConfig) -> int:
+def client_id(context: Context, cfg: RunConfig, asked: int | None = None) -> int:
+    """The client this node serves for a message that asks for client ``asked`` (``asked_client``).
+
+    In simulation, ``asked``: every simulated node can serve any client (they share one dataset and this app), and
+    the server addresses each sampled client to a node of its choosing (``roster.py``); the node config's
+    ``partition-id`` is only Flower's numbering of its nodes, which the server cannot know (node ids are random),
+    and is used only by a message that names no client. On a device, its own node config ``partition-id``,
+    whatever was asked: its data is its own, and its answer tells the server which client it is.
+    """
+    if asked is not None and not on_device(context):
+        cid = int(asked)
+        if not 0 <= cid < cfg.num_clients:
+            raise ValueError(f"asked to serve client {cid}, outside [0, num_clients={cfg.num_clients})")
+        return cid
     if "partition-id" not in context.node_config:
         raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
                          "--node-config \"partition-id=0 num-partitions=N\"")
@@ -189,6 +203,18 @@ def client_id(context: Context, cfg: RunConfig) -> int:
     if not 0 <= cid < cfg.num_clients:
         raise ValueError(f"partition-id {cid} is outside [0, num_clients={cfg.num_clients})")
     return cid
+
+
+def asked_client(msg: Message) -> int | None:
+    """The client id a query or plain train message asks this node to serve (its config's ``cid``), or None."""
+    config = msg.content.config_records.get("config")
+    value = None if config is None else config.get("cid")
+    return None if value is None else int(value)
+
+
+def message_client_id(msg: Message, context: Context, cfg: RunConfig) -> int:
+    """``client_id`` for ``msg``: the client this node serves when answering it."""
+    return client_id(context, cfg, asked_client(msg))
 
 
 def client_budget(context: Context, cfg: RunConfig, cid: int, server_round: int) -> int:
@@ -202,7 +228,7 @@ def client_budget(context: Context, cfg: RunConfig, cid: int, server_round: int)
     elif "max-rank" in context.node_config:  # a real device declares its own budget
         base = int(context.node_config["max-rank"])
     else:
-        base = assign_budgets(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed)[cid]
+        base = base_budget(cfg.num_clients, cfg.ranks, cfg.rank_shares, cfg.seed, cid)
     return min(cfg.rank, round_budget(base, cfg.ranks, cfg.budget_fluctuation, cfg.seed, server_round, cid))
 
 
@@ -214,7 +240,7 @@ def _setup(msg: Message) -> tuple[RunConfig, int]:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     cfg, server_round = _setup(msg)
-    cid = client_id(context, cfg)
+    cid = message_client_id(msg, context, cfg)
     rt = runtime(cfg, context)
     info = {"cid": cid, "budget": client_budget(context, cfg, cid, server_round), "num_examples": len(rt.parts[cid])}
     return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
@@ -271,15 +297,18 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
 
     def train_then_seed(message: Message, ctx: Context) -> Message:
         task, setup, server_round, attempt, layout, weight_scale = read_secure_task(message.content)
+        asked = secure_task_cid(message.content)
         plain = task_content(task, json.dumps(setup), server_round)
         plain["config"]["attempt"] = attempt
+        if asked is not None:
+            plain["config"]["cid"] = asked
         # the same message (its metadata copied) with the plain task as its content
         update, metrics = read_own_reply(call_next(Message(content=plain, metadata=copy.copy(message.metadata)),
                                                    ctx).content)
         cfg = RunConfig.from_dict(setup)
         method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
         reply = Message(secure_reply(cfg, method, task, update, metrics, layout, weight_scale), reply_to=message)
-        cid = int(ctx.node_config.get("partition-id", 0))
+        cid = client_id(ctx, cfg, asked)
         np.random.seed(rng.small_seed("secure_quantization", int(setup["seed"]), server_round, attempt, cid))
         return reply
 
@@ -297,7 +326,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     task, setup, server_round = read_task(msg.content)
     cfg = RunConfig.from_dict(setup)
-    cid = client_id(context, cfg)
+    cid = message_client_id(msg, context, cfg)
     budget = client_budget(context, cfg, cid, server_round)
     method = make_method(cfg.method, plora_config(cfg), **method_options(cfg))
     if int(task.config.get("rank", 0)) > budget and not method.ignores_budgets:
@@ -321,7 +350,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 
 # failure and attack injection (tests, drills): a mod given this app's client state (injection.py)
-injection_mod = InjectionMod(client_id=client_id, runtime=runtime, read_reply=read_own_reply,
+injection_mod = InjectionMod(client_id=message_client_id, runtime=runtime, read_reply=read_own_reply,
                              method=lambda cfg: make_method(cfg.method, plora_config(cfg), **method_options(cfg)))
 # the train handler's mods, outermost first: SecAgg+ (plain messages pass), then failure and attack injection
 # (runs with neither pass), so an attack changes the update before secure aggregation encodes it

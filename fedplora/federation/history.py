@@ -100,9 +100,13 @@ class RoundRecord:
     secure: bool = False
     dropouts: list[int] = dataclasses.field(default_factory=list)  # clients that left the SecAgg+ protocol
 
-    def fail(self, cid: int | None, stage: str, reason: str) -> None:
-        """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0."""
-        self.failures.append({"cid": cid, "stage": stage, "reason": reason, "attempt": self.attempts - 1})
+    def fail(self, cid: int | None, stage: str, reason: str, node: int | None = None) -> None:
+        """Who failed, at which stage, why; ``attempt`` counts retries of the round from 0. ``node``: the Flower node,
+        named only where no client id is known (a node left out at its first query, ``roster.py``)."""
+        entry = {"cid": cid, "stage": stage, "reason": reason, "attempt": self.attempts - 1}
+        if node is not None:
+            entry["node"] = node
+        self.failures.append(entry)
 
     def measured(self, noise: dict[str, float | None], losses: list[float | None], weights: list[float]) -> None:
         """The round's noise figures and its clients' weighted train loss (None when one did not report it)."""

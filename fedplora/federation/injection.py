@@ -57,7 +57,7 @@ class InjectionMod:
     """A ClientApp's ``injection_mod`` (module docstring), given how that app reaches its client state, so that this
     module imports nothing of the app (``client_app`` installs the mod):
 
-    * ``client_id(context, cfg)``: the client's id (its node config ``partition-id``, checked);
+    * ``client_id(msg, context, cfg)``: the client this node serves for ``msg`` (``client_app.client_id``, checked);
     * ``runtime(cfg, context)``: the process's cached ``ClientRuntime`` of the run (its model, task, partitions,
       encoded data, ``serving``);
     * ``method(cfg)``: the run's method, as the handler makes it;
@@ -83,7 +83,7 @@ class InjectionMod:
         if not cfg.fail_fraction and not cfg.byzantine_fraction:
             return call_next(msg, context)
         server_round, attempt = int(config["round"]), int(config.get("attempt", 0))
-        cid = self.client_id(context, cfg)
+        cid = self.client_id(msg, context, cfg)
         if injected_failure(cfg, server_round, attempt, cid):
             if cfg.fail_mode == "error":
                 raise RuntimeError(f"injected failure (fail_fraction={cfg.fail_fraction}): client {cid}, "

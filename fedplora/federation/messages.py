@@ -89,14 +89,17 @@ SECURE_FIT_CONFIG = "fitins.config"  # where compat puts a FitIns' config: its p
 
 
 def secure_fitins(task: ClientTask, setup: str, server_round: int, attempt: int,
-                  layout: dict[str, tuple[int, ...]], weight_scale: float) -> FitIns:
+                  layout: dict[str, tuple[int, ...]], weight_scale: float, cid: int | None = None) -> FitIns:
     """A task as legacy FitIns: arrays in the order of ``keys`` (listed in the config), the upload's
-    ``layout`` (keys and shapes of the secure upload, ``aggregation.layout``, in order) and the weight scale."""
+    ``layout`` (keys and shapes of the secure upload, ``aggregation.layout``, in order), the weight scale and
+    ``cid``, the client the node serves (as in a plain task's config, ``strategy.configure_train``)."""
     keys = list(task.arrays)
     parameters = ndarrays_to_parameters([task.arrays[k].detach().cpu().contiguous().numpy() for k in keys])
     config = {"task": json.dumps(task.config), "setup": setup, "round": server_round, "attempt": attempt,
               "keys": json.dumps(keys), "layout": json.dumps([[k, list(s)] for k, s in layout.items()]),
               "weight_scale": float(weight_scale)}
+    if cid is not None:
+        config["cid"] = int(cid)
     return FitIns(parameters=parameters, config=config)
 
 
@@ -106,7 +109,8 @@ def is_secure_task(content: RecordDict) -> bool:
 
 def read_secure_task(content: RecordDict) -> tuple[ClientTask, dict[str, Any], int, int,
                                                     dict[str, tuple[int, ...]], float]:
-    """The client's side of ``secure_fitins``: task, settings, round, attempt, upload layout, weight scale."""
+    """The client's side of ``secure_fitins``: task, settings, round, attempt, upload layout, weight scale (the
+    client id, where the server sent one, is ``secure_task_cid``)."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     config = fitins.config
     keys = json.loads(str(config["keys"]))
@@ -117,6 +121,12 @@ def read_secure_task(content: RecordDict) -> tuple[ClientTask, dict[str, Any], i
     layout = {k: tuple(shape) for k, shape in json.loads(str(config["layout"]))}
     return (ClientTask(arrays=arrays, config=json.loads(str(config["task"]))), json.loads(str(config["setup"])),
             int(config["round"]), int(config["attempt"]), layout, float(config["weight_scale"]))
+
+
+def secure_task_cid(content: RecordDict) -> int | None:
+    """The client id a secure task names (``secure_fitins``'s ``cid``), or None."""
+    value = content.config_records[SECURE_FIT_CONFIG].get("cid")
+    return None if value is None else int(value)
 
 
 def secure_reply_content(encoded: dict[str, torch.Tensor], layout: dict[str, tuple[int, ...]],

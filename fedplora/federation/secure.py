@@ -42,15 +42,15 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from ..config import secure_quantization_range
 from .history import RoundRecord
+from .roster import NoNodeServes
 
 
 class SecureHost(Protocol):
-    """What a secure round needs from the run's strategy (``HeteroLoRAStrategy``): its settings, its nodes, the
-    round's record, the attempt's tasks and the decode of the unmasked sum. The round writes none of its
-    attributes; it hands the global arrays and the counted traffic in as arguments."""
+    """What a secure round needs from the run's strategy (``HeteroLoRAStrategy``): its settings, the round's record,
+    the attempt's tasks (with the node each goes to) and the decode of the unmasked sum. The round writes none of
+    its attributes; it hands the global arrays and the counted traffic in as arguments."""
 
     cfg: Any
-    nodes: dict[int, int]
     record: RoundRecord
 
     @property
@@ -142,9 +142,14 @@ class SecureRoundStrategy(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        proxies = client_manager.all()
-        return [(proxies[str(node)], fitins) for node, fitins in
-                self.host.secure_tasks(server_round, self.attempt, self.arrays, self.grid)]
+        """The attempt's tasks, each with a proxy of its node: only the sampled nodes get one (and are registered
+        with the client manager, which the workflow reads only to log how many there are), never the federation."""
+        out = []
+        for node, fitins in self.host.secure_tasks(server_round, self.attempt, self.arrays, self.grid):
+            proxy = GridClientProxy(node_id=node, grid=self.counting, run_id=0)
+            client_manager.register(proxy)
+            out.append((proxy, fitins))
+        return out
 
     def aggregate_fit(self, server_round, results, failures):
         self.called = True
@@ -179,9 +184,7 @@ def secure_round(owner: SecureHost, grid, server_round: int, arrays: ArrayRecord
     workflow halted or failed (recorded in the round's record; the global state is unchanged)."""
     cfg, rec = owner.cfg, owner.record_for(server_round, attempt)
     counting = CountingGrid(grid)
-    manager = SimpleClientManager()
-    for node in owner.nodes.values():
-        manager.register(GridClientProxy(node_id=node, grid=counting, run_id=0))
+    manager = SimpleClientManager()  # the round's sampled nodes only (``SecureRoundStrategy.configure_fit``)
     adapter = SecureRoundStrategy(owner, grid, counting, arrays, attempt)
     workflow = SecAggPlusWorkflow(cfg.secure_shares, cfg.secure_threshold, max_weight=1.0,
                                   clipping_range=float(cfg.secure_clip),
@@ -193,6 +196,8 @@ def secure_round(owner: SecureHost, grid, server_round: int, arrays: ArrayRecord
     error = None
     try:
         workflow(counting, context)
+    except NoNodeServes:  # no node can serve the run at all (roster.py): the run stops, as a plain round's does
+        raise
     except Exception as e:  # a malformed masked vector, a broken reply: the round fails, the server goes on
         error = f"secure aggregation failed ({type(e).__name__}: {e})"
     rec.bytes_down += sum(counting.down.values())

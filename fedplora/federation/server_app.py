@@ -1,4 +1,4 @@
-"""The Flower ServerApp: discovers the clients, runs the rounds, evaluates centrally, writes outputs.
+"""The Flower ServerApp: waits for the nodes, runs the rounds, evaluates centrally, writes outputs.
 
 ``run_federation`` is the whole server loop in one readable function; the
 ``ServerApp`` below is its entry point under ``flwr run`` (settings from the
@@ -71,8 +71,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out: Path, progress: Progress | N
         strategy.load_privacy_state(privacy)  # the privacy count continues exactly where the checkpoint left it
         strategy.server_opt.load_state_dict(moments)  # and the server optimizer's moments
 
-    progress.status("waiting for clients")
-    strategy.discover(grid, timeout=cfg.connect_timeout)
+    # no node is asked anything before its first round: a round asks only the nodes it samples (roster.py)
+    progress.status("waiting for nodes")
+    strategy.wait_for_nodes(grid, timeout=cfg.connect_timeout)
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Central evaluation on the fixed held-out sample, every ``eval_every`` rounds and after the last."""

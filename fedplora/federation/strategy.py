@@ -6,14 +6,17 @@ replies into the next one. What differs from FedAvg: each client gets its own ta
 of one shared RecordDict, the budget of each sampled client is asked first, and every reply is checked before
 the aggregation pipeline (``fedplora.aggregation``) combines it with the reducer chosen once, here, for the run.
 
-Beside the loop: ``history.py`` (a round's record and measurements), ``accounting.py`` (privacy spent) and
-``secure.py`` (a round as Flower's SecAgg+ workflow, driving this strategy through ``secure_tasks`` and
-``secure_result``). Reading order: ``start`` -> ``configure_train`` -> ``aggregate_train`` -> ``collect``.
+Beside the loop: ``roster.py`` (which node serves which client, learned only from the nodes a round samples, so
+that starting a run and each round cost what the sampled clients cost), ``history.py`` (a round's record and
+measurements), ``accounting.py`` (privacy spent) and ``secure.py`` (a round as Flower's SecAgg+ workflow, driving
+this strategy through ``secure_tasks`` and ``secure_result``). Reading order: ``start`` -> ``configure_train`` ->
+``client_infos`` -> ``aggregate_train`` -> ``collect``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +38,7 @@ from ..state import State
 from .accounting import PrivacyLedger, central_dp
 from .history import Accepted, RoundRecord, client_line, measure_round, noise_entry, untimed  # noqa: F401
 from .messages import read_update, secure_fitins, task_content
+from .roster import NoNodeServes, Roster
 from .secure import secure_round, unmasked_sums
 
 
@@ -86,7 +90,10 @@ class HeteroLoRAStrategy(Strategy):
         self.state: State = {}  # the global state of the round being configured (from ``arrays``)
         self.history: list[dict[str, Any]] = []
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
-        self.nodes: dict[int, int] = {}  # client id -> Flower node id
+        # which node serves which client: learned from the nodes a round asks (roster.py), O(1) per node
+        self.roster = Roster(cfg.num_clients, cfg.clients_per_round, cfg.seed)
+        self.first_refusal: str | None = None  # why the first node was left out (the line a run stops with
+        # when no node has ever answered: ``client_infos``)
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
         self._declared: dict[int, int] = {}  # cid -> the example count its query declared this attempt
         self.record = RoundRecord(round=0)
@@ -105,74 +112,104 @@ class HeteroLoRAStrategy(Strategy):
     def load_privacy_state(self, state: dict[str, Any] | None) -> None:
         self.privacy.load_state_dict(state)
 
-    # ------------------------------------------------------------ discovery and sampling
-    def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
-        """Wait for the clients to connect and learn which node holds which client id.
+    # ------------------------------------------------------------ nodes, sampling and the budget query
+    def wait_for_nodes(self, grid: Grid, timeout: float) -> int:
+        """Wait until ``min_nodes`` nodes (default ``num_clients``) are connected; returns how many are.
 
-        ``timeout`` covers connecting and the first answer (a cold client loads its model and data first).
+        No node is asked anything here: a node is asked its client id, budget and example count only when a round
+        samples it (``client_infos``). In simulation Flower registers every node right after the ServerApp starts,
+        so this waits a fraction of a second, and waiting for all of them makes the positions the rounds sample
+        the client ids 0..num_clients-1 (``roster``). A deployment of many devices may start with fewer.
         """
+        need = self.cfg.min_nodes if self.cfg.min_nodes is not None else self.cfg.num_clients
         deadline = time.monotonic() + timeout
-        while len(node_ids := list(grid.get_node_ids())) < self.cfg.num_clients:
+        while (count := self.roster.refresh(grid.get_node_ids())) < need:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(node_ids)} of num_clients={self.cfg.num_clients} nodes connected "
-                                   f"within connect_timeout={timeout:g}s")
+                raise TimeoutError(f"only {count} of min_nodes={need} nodes connected within "
+                                   f"connect_timeout={timeout:g}s")
             time.sleep(0.5)
-        replies = list(grid.send_and_receive([self._query(n, 0) for n in node_ids],
-                                             timeout=max(1.0, deadline - time.monotonic())))
-        if len(replies) < len(node_ids):
-            silent = sorted(set(node_ids) - {r.metadata.src_node_id for r in replies})
-            raise TimeoutError(f"nodes {silent} did not answer the first query within connect_timeout={timeout:g}s")
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
-            cid = int(reply.content["info"]["cid"])
-            if cid in self.nodes:
-                raise RuntimeError(f"two nodes claim client id (partition-id) {cid}")
-            self.nodes[cid] = reply.metadata.src_node_id
-        return self.nodes
+        return count
 
-    def _query(self, node_id: int, server_round: int) -> Message:
-        content = RecordDict({"config": ConfigRecord({"setup": self.setup, "round": server_round})})
+    def _query(self, node_id: int, server_round: int, cid: int) -> Message:
+        """The budget query, asking ``node_id`` as client ``cid`` (a device answers as its own client instead)."""
+        content = RecordDict({"config": ConfigRecord({"setup": self.setup, "round": server_round, "cid": cid})})
         return Message(content=content, message_type="query", dst_node_id=node_id)
 
-    def sample(self, server_round: int, attempt: int = 0) -> list[int]:
-        """Client ids for this round: seeded, so runs with one seed sample the same clients.
+    def client_infos(self, grid: Grid, server_round: int, attempt: int = 0) -> list[ClientInfo]:
+        """Sample this round's clients and ask each its budget (it may change between rounds) and example count.
 
-        A retried round (``attempt`` > 0) draws a fresh sample: the clients that failed may still be down.
+        The sample is seeded (``Roster.candidates``), so runs with one seed sample the same clients; a retried round
+        (``attempt`` > 0) draws afresh, since the clients that failed may still be down. A node left out at its
+        first query is replaced once, by the next candidates of the same seeded order; the replacements' own
+        refusals are recorded and not replaced again (a round waits for at most two queries). A node that answered
+        before and fails now only misses this round, as any client that fails.
         """
-        cids = sorted(self.nodes)
-        k = min(self.cfg.clients_per_round, len(cids))
-        draw = rng.generator("sampling", self.cfg.seed, server_round, attempt)
-        return sorted(int(c) for c in draw.choice(cids, size=k, replace=False))
+        self.roster.refresh(grid.get_node_ids())
+        candidates = self.roster.candidates(server_round, attempt)
+        infos, asked = self._ask(grid, server_round, list(itertools.islice(candidates, self.cfg.clients_per_round)))
+        if asked["left_out"]:
+            more, again = self._ask(grid, server_round, list(itertools.islice(candidates, asked["left_out"])))
+            infos.update(more)
+            asked["cids"] |= again["cids"]
+        if not self.roster.client_of and self.first_refusal is not None:
+            raise NoNodeServes(f"no node has answered a query, so the run cannot train: {self.first_refusal}")
+        self.record.attackers = sorted(asked["cids"] & self.attackers)
+        return [infos[c] for c in sorted(infos)]
 
-    def client_infos(self, grid: Grid, server_round: int, cids: list[int]) -> list[ClientInfo]:
-        """Ask the sampled clients for this round's budget (it may change between rounds)."""
-        replies = grid.send_and_receive([self._query(self.nodes[c], server_round) for c in cids],
-                                        timeout=self.cfg.round_timeout)
-        by_node = {v: k for k, v in self.nodes.items()}
-        infos, answered = {}, set()
+    def _ask(self, grid: Grid, server_round: int, nodes: list[tuple[int, int]]
+             ) -> tuple[dict[int, ClientInfo], dict[str, Any]]:
+        """Query ``nodes`` ((position, node) pairs); their infos by client id, and what happened: the client ids
+        known for the asked nodes and how many were left out. A node's first query may take ``connect_timeout``
+        (it may load its model and data first), later ones ``round_timeout``."""
+        if not nodes:
+            return {}, {"cids": set(), "left_out": 0}
+        first = any(node not in self.roster.client_of for _, node in nodes)
+        timeout = max(self.cfg.connect_timeout, self.cfg.round_timeout) if first else self.cfg.round_timeout
+        replies = grid.send_and_receive([self._query(node, server_round, p) for p, node in nodes], timeout=timeout)
+        wanted = {node for _, node in nodes}
+        infos: dict[int, ClientInfo] = {}
+        answered: set[int] = set()
+        left_out = 0
         for reply in replies:
-            cid = by_node.get(reply.metadata.src_node_id)
-            if cid not in cids or cid in answered:
+            node = reply.metadata.src_node_id
+            if node not in wanted or node in answered:
                 continue  # not asked, or a second answer: only the first counts
-            answered.add(cid)
+            answered.add(node)
             try:
                 if reply.has_error():
                     raise ValueError(reply.error.reason)
                 info = reply.content["info"]
-                if int(info["cid"]) != cid:
-                    raise ValueError(f"node of client {cid} answered as client {info['cid']}")
+                cid = self.roster.identify(node, info["cid"])
                 budget, examples = info["budget"], info["num_examples"]
                 if not (isinstance(budget, int) and budget >= 1 and isinstance(examples, int) and examples >= 1):
                     raise ValueError(f"declared budget {budget!r} and example count {examples!r}: both must be "
                                      "integers >= 1")
                 infos[cid] = ClientInfo(cid=cid, budget=budget, num_samples=examples)
             except Exception as e:  # a broken answer drops this client, never the round
-                self.record.fail(cid, "query", str(e) or type(e).__name__)
-        for cid in cids:
-            if cid not in answered:
-                self.record.fail(cid, "query", "no reply within the timeout")
-        return [infos[c] for c in sorted(infos)]
+                reason = str(e) or type(e).__name__
+                if node in self.roster.client_of:  # it is known (now or before): it misses this round only
+                    self.record.fail(self.roster.client_of[node], "query", reason)
+                else:
+                    left_out += self._leave_out(node, f"refused its first query: {reason}")
+        for _, node in nodes:
+            if node in answered:
+                continue
+            if node in self.roster.client_of:
+                self.record.fail(self.roster.client_of[node], "query", "no reply within the timeout")
+            else:
+                left_out += self._leave_out(node, f"no reply to its first query within {timeout:g}s")
+        cids = {self.roster.client_of[node] for _, node in nodes if node in self.roster.client_of}
+        return infos, {"cids": cids, "left_out": left_out}
+
+    def _leave_out(self, node: int, reason: str) -> int:
+        """Leave ``node`` out of sampling for the rest of the run, with the reason in this round's failures (its
+        client id is unknown: it never answered one)."""
+        self.roster.leave_out(node)
+        line = f"node {node} left out of sampling: {reason}"
+        self.record.fail(None, "query", line, node=node)
+        if self.first_refusal is None:
+            self.first_refusal = line
+        return 1
 
     # ------------------------------------------------------------ the round loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -264,7 +301,8 @@ class HeteroLoRAStrategy(Strategy):
         for info, task in self.round_tasks(server_round, arrays, attempt, grid):
             content = task_content(task, self.setup, server_round)
             content["config"]["attempt"] = attempt
-            messages.append(Message(content=content, message_type="train", dst_node_id=self.nodes[info.cid]))
+            content["config"]["cid"] = info.cid  # the client this node serves (a simulated node can serve any)
+            messages.append(Message(content=content, message_type="train", dst_node_id=self.roster.node_of[info.cid]))
             self.record.bytes_down += nbytes(task.arrays)
         return messages
 
@@ -279,9 +317,7 @@ class HeteroLoRAStrategy(Strategy):
                     grid: Grid) -> list[tuple[ClientInfo, ClientTask]]:
         """Sample, ask the sampled clients' budgets, and build each one's task (plain and secure rounds alike)."""
         self.state = arrays_to_state(arrays)
-        cids = self.sample(server_round, attempt)
-        self.record.attackers = sorted(set(cids) & self.attackers)
-        infos = self.client_infos(grid, server_round, cids)
+        infos = self.client_infos(grid, server_round, attempt)
         self._declared = {info.cid: info.num_samples for info in infos}
         out, self._pending = [], {}
         for info in infos:
@@ -290,7 +326,7 @@ class HeteroLoRAStrategy(Strategy):
             except ValueError as e:  # a budget the method cannot serve (FedIT feasible below its rank): this client
                 self.record.fail(info.cid, "configure", str(e))
                 continue
-            self._pending[self.nodes[info.cid]] = (info.cid, task)
+            self._pending[self.roster.node_of[info.cid]] = (info.cid, task)
             self.privacy.asked(info.cid)  # local DP: it may upload a noisy update, counted whether or not it arrives
             out.append((info, task))
         return out
@@ -424,7 +460,8 @@ class HeteroLoRAStrategy(Strategy):
         pairs = self.round_tasks(server_round, arrays, attempt, grid)
         shapes = layout(self.state, self.method.rank)
         scale = float(max((info.num_samples for info, _ in pairs), default=1))
-        return [(self.nodes[info.cid], secure_fitins(task, self.setup, server_round, attempt, shapes, scale))
+        return [(self.roster.node_of[info.cid],
+                 secure_fitins(task, self.setup, server_round, attempt, shapes, scale, cid=info.cid))
                 for info, task in pairs]
 
     def secure_result(self, server_round: int, results: list, traffic: dict[int, tuple[int, int]]

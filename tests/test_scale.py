@@ -1,0 +1,211 @@
+"""The server's cost follows the round, not the federation (fedplora/federation/roster.py, docs/speed.md "Scale").
+
+In one process: the real strategy and round loop, the real ClientApp functions answering each message, and a
+federation numbered as Flower's Simulation Engine numbers it (``_register_nodes`` on a real LinkState: random
+node ids, partition-ids 0..N-1 in registration order), so that the node a client lands on is not its
+partition-id. The deployment-side refusal through real processes is tests/test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+
+from fedplora import rng
+from fedplora.federation import client_app
+from fedplora.errors import FedploraError
+from fedplora.federation.roster import NoNodeServes, Roster
+from fedplora.tasks import make_task
+from fedplora.tasks.partition import partition_for
+from test_fault_tolerance import InProcessGrid, _rounds, _small_cfg, in_process  # noqa: F401 (a fixture)
+
+
+def flower_numbered_nodes(num_nodes: int) -> dict[int, int]:
+    """node id -> partition-id, as the Simulation Engine registers its nodes (random ids, partitions in order)."""
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    return _register_nodes(num_nodes, factory)
+
+
+class CountingGrid(InProcessGrid):
+    """The in-process grid on Flower-numbered nodes (``flower_numbered_nodes``), counting every message each node
+    receives, by type. Nodes are named below by their client id, their position in node-id order (how the server
+    addresses them): ``refuse`` adds node config to some (a device's own declarations, e.g. a task list without
+    the run's task, so that the real ClientApp refuses); the ``mute`` ones never answer anything."""
+
+    def __init__(self, num_clients: int, refuse: dict[int, dict] | None = None, mute=()):
+        super().__init__(num_clients)
+        self.partition_of = flower_numbered_nodes(num_clients)
+        self.order = sorted(self.partition_of)
+        config = {"num-partitions": num_clients, "cpus": torch.get_num_threads()}
+        refuse = {self.order[c]: extra for c, extra in (refuse or {}).items()}
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                       node_config={"partition-id": p, **config, **refuse.get(node, {})})
+                         for node, p in self.partition_of.items()}
+        self.mute = {self.order[c] for c in mute}
+        self.received: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.asked_as: dict[int, set[int]] = collections.defaultdict(set)  # node -> the client ids it was sent
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.received[node][msg.metadata.message_type] += 1
+            self.asked_as[node].add(int(msg.content["config"]["cid"]))
+        live = [m for m in messages if m.metadata.dst_node_id not in self.mute]
+        return super().send_and_receive(live, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, tiny_assets):
+    """A tweets slice with a training example for each of 200 clients (the shared slice has 144)."""
+    from assets import make_tweets_slice
+
+    return {"model": tiny_assets["model"],
+            "data_dir": str(make_tweets_slice(tmp_path_factory.mktemp("tweets-300"), per_label=100))}
+
+
+def test_200_clients_2_a_round_message_only_the_sampled_nodes(many, in_process):
+    cfg = _small_cfg(many, num_clients=200, clients_per_round=2, rounds=2, local_steps=1, eval_max_examples=8)
+    grid = CountingGrid(cfg.num_clients)
+    client_app._runtimes.clear()
+    _, entries = _rounds(cfg, grid)
+
+    order = sorted(grid.contexts)  # the server addresses client c to the c-th node in node-id order
+    sampled = {e["round"]: [c["cid"] for c in e["clients"]] for e in entries}
+    for rnd, cids in sampled.items():  # the client ids the seed sampled before: the same stream, the same draw
+        assert cids == sorted(int(c) for c in rng.generator("sampling", cfg.seed, rnd, 0).choice(200, 2, replace=False))
+    expected = collections.Counter(order[c] for cids in sampled.values() for c in cids)
+    # every node that got a message was sampled, and got one query and one train message per round it was sampled
+    assert set(grid.received) == set(expected) and len(expected) <= 4
+    for node, rounds in expected.items():
+        assert grid.received[node] == {"query": rounds, "train": rounds}, node
+        assert grid.asked_as[node] == {order.index(node)}  # always as the same client
+    # the other 196 or more nodes got nothing; clients served by nodes Flower numbered otherwise
+    assert sum(1 for n in grid.contexts if n not in grid.received) >= 196
+    assert any(grid.partition_of[order[c]] != c for cids in sampled.values() for c in cids)
+    # each client trained its own partition (its example count), and the client side loaded one runtime and
+    # encoded only the sampled partitions, never one per node
+    task = make_task(cfg)
+    parts = partition_for(task, task.load_splits()[0], cfg)
+    assert all(c["num_samples"] == len(parts[c["cid"]]) for e in entries for c in e["clients"])
+    (rt,) = client_app._runtimes.values()
+    assert set(rt.encoded) == {c for cids in sampled.values() for c in cids}
+    assert all(e["aggregated"] and not e["failures"] for e in entries)
+
+
+def test_a_node_refusing_its_first_query_is_left_out_and_replaced(tiny_assets, in_process):
+    """Client 3's node is a device that does not hold the run's task (the real ClientApp refuses), client 5's node
+    never answers: each is left out at its first query with its reason, the round draws the next candidate of the
+    seeded order in its place, and neither is asked again. Everything else is the run without them."""
+    cfg = _small_cfg(tiny_assets, num_clients=8, clients_per_round=3, rounds=3, local_steps=1,
+                     eval_max_examples=8, round_timeout=5.0, connect_timeout=5.0)
+    grid = CountingGrid(8, refuse={3: {"tasks": "sst2"}}, mute=[5])
+    order = sorted(grid.contexts)
+    refusing, silent = order[3], order[5]
+    _, entries = _rounds(cfg, grid)
+
+    left = {f["node"]: (e["round"], f) for e in entries for f in e["failures"]}
+    assert set(left) == {refusing, silent}  # both were sampled (seed 3 samples them) and are left out
+    for node, (rnd, f) in left.items():
+        assert f["cid"] is None and f["stage"] == "query"
+        assert f["reason"].startswith(f"node {node} left out of sampling")
+        assert grid.received[node] == {"query": 1}  # asked once, never again
+    assert "this device does not hold task 'tweets'" in left[refusing][1]["reason"]
+    assert "no reply to its first query within 5s" in left[silent][1]["reason"]
+    for e in entries:  # every round still has its 3 clients: a replacement came in for each node left out
+        assert e["aggregated"] and len(e["clients"]) == 3 and not {3, 5} & {c["cid"] for c in e["clients"]}
+        roster = Roster(8, 3, cfg.seed)
+        roster.refresh(order)
+        roster.left_out = {n for n, (rnd, _) in left.items() if rnd < e["round"]}
+        taken, wanted = [], 3
+        for p, node in roster.candidates(e["round"], 0):  # the seeded order, as the strategy walked it
+            taken.append(p)
+            if node in left and left[node][0] == e["round"]:
+                wanted += 1
+            if len(taken) == wanted:
+                break
+        assert [c["cid"] for c in e["clients"]] == sorted(p for p in taken if p not in (3, 5))
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_a_federation_in_which_no_node_answers_stops_with_the_reason(tiny_assets, in_process, secure):
+    """No node can serve the run (here: none holds its task): the run stops with one line (a FedploraError, which the
+    CLI prints as ``fedplora: error: ...``), also from inside SecAgg+'s workflow, after the sample and one
+    replacement batch, not after asking the whole federation."""
+    cfg = _small_cfg(tiny_assets, num_clients=4, clients_per_round=3 if secure else 2, rounds=1, local_steps=1,
+                     eval_max_examples=8, secure_aggregation=secure)
+    grid = CountingGrid(4, refuse={p: {"tasks": "bbc"} for p in range(4)})
+    with pytest.raises(NoNodeServes, match=r"no node has answered a query, so the run cannot train: node \d+ left "
+                                           r"out of sampling: refused its first query: .*does not hold task"):
+        _rounds(cfg, grid)
+    assert issubclass(NoNodeServes, FedploraError)
+    assert sum(c["query"] for c in grid.received.values()) == 4  # the sample, then replacements up to the rest
+
+
+def test_the_roster_samples_the_seeded_client_ids_and_replaces_in_stream_order():
+    nodes = {int(n) for n in np.random.default_rng(0).integers(0, 2**64, size=50, dtype=np.uint64)}  # Flower's range
+    roster = Roster(50, 4, seed=7)
+    assert roster.refresh(nodes) == 50 and max(nodes) > 2**63
+    order = sorted(nodes)
+    first = list(roster.candidates(2, 1))
+    assert len(first) == 50 and sorted(p for p, _ in first) == list(range(50))  # every node, once
+    assert [node for p, node in first] == [order[p] for p, _ in first]
+    assert sorted(p for p, _ in first[:4]) == sorted(
+        int(c) for c in rng.generator("sampling", 7, 2, 1).choice(50, 4, replace=False))
+    roster.leave_out(first[1][1])
+    assert list(roster.candidates(2, 1)) == first[:1] + first[2:]  # the others' draws do not move
+    assert roster.eligible() == 49
+    # identities: a first answer fixes a node's client; a conflicting or foreign claim is refused
+    assert roster.identify(order[0], 12) == 12
+    for node, claim, text in ((order[0], 13, "node of client 12 answered as client 13"),
+                              (order[1], 12, f"answered client id 12, which node {order[0]} holds"),
+                              (order[2], 50, r"outside \[0, num_clients=50\)"), (order[2], True, "not an integer")):
+        with pytest.raises(ValueError, match=text):
+            roster.identify(node, claim)
+    roster.refresh(order[1:])  # the holder left: a node that comes back under a new id may take its client
+    assert roster.identify(order[1], 12) == 12 and roster.node_of[12] == order[1] and order[0] not in roster.client_of
+
+
+def test_a_simulated_node_serves_the_client_it_is_asked_a_device_its_own():
+    from fedplora.config import RunConfig
+
+    cfg = RunConfig(num_clients=10)
+    simulated = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                        node_config={"partition-id": 2, "num-partitions": 10})
+    device = Context(run_id=1, node_id=6, state=RecordDict(), run_config={},
+                     node_config={"partition-id": 2, "num-partitions": 10, "max-rank": 4})
+    assert client_app.client_id(simulated, cfg, 7) == 7 and client_app.client_id(simulated, cfg) == 2
+    assert client_app.client_id(device, cfg, 7) == 2
+    with pytest.raises(ValueError, match=r"asked to serve client 10, outside \[0, num_clients=10\)"):
+        client_app.client_id(simulated, cfg, 10)
+
+
+def test_a_reply_error_on_a_known_node_drops_it_for_the_round_only(tiny_assets, in_process):
+    """A node that answered before and fails a later query is not left out: it misses that round, as before."""
+    cfg = _small_cfg(tiny_assets, num_clients=3, clients_per_round=3, rounds=2, local_steps=1, eval_max_examples=8)
+
+    class FlakyQuery(CountingGrid):  # client 0's node (the first in node-id order) fails round 2's query
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive(messages, timeout=timeout)
+            first = min(self.contexts)
+            asked = [m for m in messages if m.metadata.dst_node_id == first]
+            if not asked or asked[0].metadata.message_type != "query" or int(asked[0].content["config"]["round"]) != 2:
+                return replies
+            return [r for r in replies if r.metadata.src_node_id != first] + [
+                Message(Error(code=0, reason="connection reset"), reply_to=asked[0])]
+
+    _, (one, two) = _rounds(cfg, FlakyQuery(3))
+    assert [c["cid"] for c in one["clients"]] == [0, 1, 2] and not one["failures"]
+    assert two["failures"] == [{"cid": 0, "stage": "query", "reason": "connection reset", "attempt": 0}]
+    assert [c["cid"] for c in two["clients"]] == [1, 2] and two["aggregated"]
