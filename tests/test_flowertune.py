@@ -114,12 +114,14 @@ def test_the_cli_refuses_bad_data_with_one_line_before_flower_starts(tmp_path, c
 
 
 def test_bad_records_are_one_line_too(tmp_path):
+    def load(dataset):
+        return make_task(RunConfig(task="flowertune-code", dataset=str(dataset)).validate()).load_splits()
+
     for rows, message in [([], "has no records"),
-                          ([{"instruction": "a", "input": "", "output": 3}] * 3, r"record 1: \['output'\] must be text"),
-                          ([{"instruction": "a", "input": "b", "output": " "}] * 3, "every record has an empty output")]:
-        path = write(rows, tmp_path / "x.jsonl")
+                          ([{"instruction": "a", "input": "", "output": 3}] * 3, r"record 1: \['output'\] must be"),
+                          ([{"instruction": "a", "input": "b", "output": " "}] * 3, "every record has an empty")]:
         with pytest.raises(DataError, match=message):
-            make_task(RunConfig(task="flowertune-code", dataset=str(path)).validate()).load_splits()
+            load(write(rows, tmp_path / "x.jsonl"))
     (tmp_path / "x.csv").write_text("instruction,input,output\n")
     with pytest.raises(DataError, match=r"x.csv must be a .json, .jsonl or .parquet file"):
         check_source(RunConfig(task="flowertune-code", dataset=str(tmp_path / "x.csv")).validate())
@@ -129,12 +131,10 @@ def test_bad_records_are_one_line_too(tmp_path):
     # a folder: train.<ext> and test.<ext> are the splits
     write(records("code")[:20], tmp_path / "folder" / "train.parquet")
     write(records("code")[20:], tmp_path / "folder" / "test.jsonl")
-    train, test = make_task(RunConfig(task="flowertune-code", dataset=str(tmp_path / "folder")).validate()).load_splits()
+    train, test = load(tmp_path / "folder")
     assert (len(train), len(test)) == (20, len(records("code")) - 20)
     # null inputs (Parquet) are empty inputs
-    write([{"instruction": "Say hi.", "input": None, "output": "Hi"}] * 4, tmp_path / "nulls.parquet")
-    train, _ = make_task(RunConfig(task="flowertune-code", dataset=str(tmp_path / "nulls.parquet")).validate()) \
-        .load_splits()
+    train, _ = load(write([{"instruction": "Say hi.", "input": None, "output": "Hi"}] * 4, tmp_path / "nulls.parquet"))
     assert train[0]["prompt"] == flowertune_prompt("Say hi.")
 
 
@@ -195,28 +195,33 @@ def test_every_method_trains_the_challenges_budgets(method):
 
 
 # ------------------------------------------------------------------ end to end
-SMOKE = ["--quantization", "none", "--dtype", "float32", "--no-gradient-checkpointing", "--clients", "3",
-         "--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "2", "--max-seq-len", "48",
-         "--test-fraction", "0.2", "--eval-every", "2", "--eval-max-examples", "4", "--gen-max-examples", "1",
-         "--gen-max-new-tokens", "4"]
+FP32 = ["--quantization", "none", "--dtype", "float32", "--no-gradient-checkpointing"]
+SMOKE = ["--clients", "3", "--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "2",
+         "--max-seq-len", "48", "--test-fraction", "0.2", "--eval-every", "2", "--eval-max-examples", "4",
+         "--gen-max-examples", "1", "--gen-max-new-tokens", "4"]
 METHOD_OF = {"general-nlp": "fedplora", "finance": "hetlora", "medical": "flexlora", "code": "fslora"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_each_challenge_runs_end_to_end_from_its_toml(name, tmp_path, in_process):
-    """``fedplora run --config configs/flowertune/<c>.toml`` with the README's smoke overrides (SmolLM2-135M, the local
-    sample, 2 rounds of 3 clients with budgets 8, 16 and 32), parsed by ``run``'s own parser; the federation runs in
-    this process (the real strategy and ClientApp functions; Flower's transport is what the other slow tests run)."""
+    """``fedplora run --config configs/flowertune/<c>.toml`` with smoke overrides (SmolLM2-135M, the local sample,
+    2 rounds of 3 clients with budgets 8, 16 and 32, each challenge with another method), parsed by ``run``'s own
+    parser; the federation runs in this process (the real strategy and ClientApp functions; Flower's transport is what
+    the other slow tests run). Code keeps the TOML's base as it is, bfloat16 in 4 bits with checkpointing (bitsandbytes'
+    CPU kernels); the others run a float32 base, as the README's smoke runs."""
     from fedplora.cli import build_parser, config_from_args
     from fedplora.federation.server_app import run_federation
     from fedplora.tasks.models import smollm2_path
 
     sample = write_sample(name, tmp_path, "parquet" if name == "code" else "jsonl")
+    base = [] if name == "code" else FP32
     args = build_parser().parse_args(["run", "--config", str(toml(name)), "--model", smollm2_path(), "--dataset",
-                                      str(sample), "--method", METHOD_OF[name], *SMOKE])
+                                      str(sample), "--method", METHOD_OF[name], *SMOKE, *base])
     cfg = config_from_args(args)
     assert (cfg.rank, cfg.ranks, cfg.lr_schedule, cfg.task) == (32, [8, 16, 32], "cosine", f"flowertune-{name}")
+    if name == "code":
+        assert (cfg.quantization, cfg.dtype, cfg.gradient_checkpointing) == ("4bit", "bfloat16", True)
     summary = run_federation(InProcessGrid(cfg.num_clients), cfg, tmp_path / "run")
     history = summary["history"]
     assert [h["round"] for h in history] == [0, 1, 2] and summary["method"] == METHOD_OF[name]
