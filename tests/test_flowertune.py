@@ -74,6 +74,14 @@ def test_each_challenge_reads_its_datasets_columns_from_json_jsonl_and_parquet(n
     for row in enc:
         assert tok.decode(row["input_ids"][:row["prompt_len"]]).endswith("\n### Response:")
         assert tok.decode(row["input_ids"][row["prompt_len"]:]) == " " + row["response"] + tok.eos_token
+    # prompt_template = "chat": the same instruction as a user turn of the model's own chat template
+    chat = make_task(RunConfig(task=f"flowertune-{name}", dataset=str(tmp_path / f"{name}.json"), model=tiny_lm,
+                               max_seq_len=512, prompt_template="chat").validate())
+    for row in chat.encode(train.select(range(3))):
+        own = tok.apply_chat_template([{"role": "user", "content": row["instruction"]}], tokenize=False,
+                                      add_generation_prompt=True)
+        assert row["prompt"] == own and row["input_ids"][:row["prompt_len"]] == tok(own, add_special_tokens=False)[
+            "input_ids"]
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])

@@ -243,6 +243,7 @@ class ChallengeTask(InstructTask):
 
     @classmethod
     def source(cls, config) -> str:
+        """Where the data comes from: ``--dataset``, else ``--data-dir``, else the challenge's own hub dataset."""
         return config.dataset or config.data_dir or cls.challenge.hub
 
     @classmethod
