@@ -73,8 +73,19 @@ def export_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_p
                 p.copy_(state[f"{h}.{pname}"])
     out = Path(path)
     peft_model.save_pretrained(str(out))
+    _sort_target_modules(out / "adapter_config.json")
     (out / "plora_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return out
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in the set's order, which follows the process's
+    string hashing: two runs with the same numbers wrote different adapter_config.json files. Sorted, and
+    written as PEFT writes it (indent 2, sorted keys), so the same adapter is the same bytes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
