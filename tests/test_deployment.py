@@ -225,3 +225,71 @@ def test_device_refusal_reaches_the_server(tiny_assets, tmp_path):
     assert failure["reason"].startswith(f"node {failure['node']} left out of sampling: refused its first query: ")
     assert reason in failure["reason"] and summary["failures_total"] == 1
     assert _left_running(tmp_path) == []
+
+
+def _count(path, text):
+    return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_a_superlink_killed_mid_round_comes_back_and_the_run_resumes_to_the_uninterrupted_result(tiny_assets, tmp_path):
+    """The server crashes: the SuperLink and its ServerApp are SIGKILLed while the SuperNodes train round 2. The
+    SuperLink is started again (same port, certificates and state.db), the SuperNodes, never restarted,
+    reconnect by themselves, and ``flwr run ... resume=true`` continues from the round-1 checkpoint. Its final
+    adapter and history equal those of an uninterrupted run of the same settings on the same federation (run
+    first, on the same processes, which saves starting a second federation)."""
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    from fedplora.federation.checkpoint import record_path
+    from fedplora.federation.deployment import LoopbackDeployment, node_config, prepare
+    from fedplora.federation.history import untimed
+
+    work = (tmp_path / "federation").resolve()
+    ref, run = (tmp_path / "ref").resolve(), (tmp_path / "run").resolve()
+    # two devices (each message starts a ClientApp process on each: a third would cost a third more)
+    cfg = _cfg(tiny_assets, tmp_path, rounds=2, num_clients=2, clients_per_round=2, ranks=[2, 4], rank_shares=[1, 1],
+               local_steps=4, connect_timeout=300.0)
+    ref_cfg, ref_file = prepare(cfg, ref, 2)
+    _, run_file = prepare(cfg, run, 2)
+    files = {"data_dir": ref_cfg.data_dir, "model": ref_cfg.model}
+    dep = LoopbackDeployment(work)
+    try:
+        dep.start_superlink()
+        nodes = [dep.add_supernode(f"supernode-{i}", node_config(i, 2, r, files)) for i, r in enumerate([2, 4])]
+        dep.wait_for(dep.flwr_run(ref_file, ref), ref, 600)
+        trains = [_count(dep.log(f"supernode-{i}"), "Receiving: train message") for i in range(2)]
+        dep.flwr_run(run_file, run)
+        deadline = time.monotonic() + 600
+        # mid-round: round 1 is checkpointed and a SuperNode has taken its round-2 training message
+        while not (record_path(run).exists() and json.loads(record_path(run).read_text())["round"] == 1
+                   and any(_count(dep.log(f"supernode-{i}"), "Receiving: train message") >= trains[i] + 2
+                           for i in range(2))):
+            assert time.monotonic() < deadline, "round 2 of the run never started"
+            time.sleep(0.1)
+        serverapp = [p for p in psutil.Process(dep.running("superlink").pid).children(recursive=True)
+                     if "flwr-serverapp" in " ".join(p.cmdline())]
+        assert serverapp, "the ServerApp runs under the SuperLink"
+        dep.kill_superlink()
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in serverapp)
+        assert not (run / "summary.json").exists()
+        dep.start_superlink(restart=True)
+        dep.wait_for(dep.flwr_run(None, run, resume=True), run, 600)
+        assert all(node.poll() is None for node in nodes)  # the same SuperNode processes all along
+    finally:
+        dep.stop()
+    assert "resuming after round 1" in dep.log("flwr-run-resumed").read_text()
+    for i in range(2):
+        assert "Connection successful after" in dep.log(f"supernode-{i}").read_text()  # they came back by themselves
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, run))
+    # metrics, clients, ranks and traffic exactly; the float64 noise diagnostic to 1e-12 (its sum over layers
+    # may round differently in the last bit between processes, as in test_fault_tolerance)
+    strip = lambda h: [{k: v for k, v in untimed(e).items() if not k.endswith("agg_noise")} for e in h]  # noqa: E731
+    assert sa["final"] == sb["final"] and strip(sa["history"]) == strip(sb["history"])
+    for key in ("agg_noise", "fn_agg_noise", "paper_agg_noise"):
+        assert [h[key] for h in sb["history"]] == pytest.approx([h[key] for h in sa["history"]], rel=1e-12)
+    assert [sorted(c["cid"] for c in e["clients"]) for e in sb["history"][1:]] == [[0, 1], [0, 1]]
+    ta, tb = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (ref, run))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _left_running(tmp_path) == []

@@ -14,6 +14,14 @@ Each SuperNode declares its own budget (``max-rank``) and its own files (``data-
 ...: ``client_app.DEVICE_LOCAL_SETTINGS``) in its node config, as a real device would. Every
 process started here is stopped by its PID, also when the run fails. Across real machines, run the
 same commands by hand (README, "Deployment"; docs/deployment.md).
+
+A server that comes back: the SuperLink keeps its state (the registered keys, the node ids, the runs) in an
+SQLite file, ``state.db``, not in memory. Killed with everything it started (``kill_superlink``: its SuperExec
+and the ServerApp) and started again on the same port with the same file and certificates
+(``start_superlink(restart=True)``), it is the same SuperLink to the SuperNodes: they retry their connection
+until it answers (flower-supernode without ``--max-retries`` / ``--max-wait-time`` retries forever) and carry
+on with their node ids. ``flwr_run(..., resume=True)`` then continues the run from its last checkpoint
+(docs/deployment.md, "When the server goes down").
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ class LoopbackDeployment:
     """Start, track and stop the Flower processes of one secured loopback federation in ``workdir``.
 
     ``start_superlink``, then ``add_supernode`` for each device, then ``flwr_run`` and ``wait_for``;
-    ``stop`` in a ``finally``.
+    ``stop`` in a ``finally``. ``kill_superlink`` and ``start_superlink(restart=True)`` crash and bring back the
+    server while the SuperNodes keep running.
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -62,28 +71,74 @@ class LoopbackDeployment:
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        with open(self.log(name), "w") as log:
+    @property
+    def database(self) -> Path:
+        """The SuperLink's state (registered keys, node ids, runs): a file, so that a restarted SuperLink knows
+        the SuperNodes that were connected before it went down."""
+        return self.workdir / "state.db"
+
+    def start(self, name: str, args: list[str], append: bool = False) -> subprocess.Popen:
+        with open(self.log(name), "a" if append else "w") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
                                     start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append((name, proc))
         return proc
 
-    def start_superlink(self) -> int:
-        """The SuperLink with TLS and SuperNode authentication; writes the ``flwr`` connection; returns its port."""
-        self.port = port = free_port()
-        home = self.workdir / "flwr_home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = {json.dumps(str(self.tls["ca"]))}\n')
+    def start_superlink(self, restart: bool = False) -> int:
+        """The SuperLink with TLS and SuperNode authentication; writes the ``flwr`` connection; returns its port.
+
+        ``restart``: the same SuperLink again after ``kill_superlink``: its port, certificates and ``state.db``,
+        so the SuperNodes that keep retrying reconnect with their node ids and registered keys. Without it, a
+        fresh one: a new port and an empty ``state.db``.
+        """
+        if restart:
+            if self.port is None:
+                raise RuntimeError("restart: no SuperLink was started before")
+            if self.running("superlink"):
+                raise RuntimeError("restart: the SuperLink is still running; kill_superlink() first")
+        else:
+            self.port = free_port()
+            for old in self.workdir.glob(self.database.name + "*"):  # a fresh federation: no keys from a former one
+                old.unlink()
+            home = self.workdir / "flwr_home"
+            home.mkdir(parents=True, exist_ok=True)
+            (home / "config.toml").write_text(
+                f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+                f'root-certificates = {json.dumps(str(self.tls["ca"]))}\n')
+        port = self.port
         link = self.start("superlink", [
             flwr_bin("flower-superlink"), "--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile",
             str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
-            "--disable-runtime-dependency-installation"])
+            "--host", "127.0.0.1", "--port", str(port), "--database", str(self.database),
+            "--disable-runtime-dependency-installation"], append=restart)
         wait_for_port(port, link, 60, "flower-superlink", self.log("superlink"))
         return port
+
+    def running(self, name: str) -> subprocess.Popen | None:
+        """The last process started as ``name`` when it still runs, else None."""
+        found = [p for n, p in self.procs if n == name]
+        return found[-1] if found and found[-1].poll() is None else None
+
+    def kill_superlink(self) -> None:
+        """A crash of the server: SIGKILL the SuperLink and everything it started (its SuperExec and the
+        ServerApp process), with no chance to clean up. The SuperNodes and ``flwr run`` keep running."""
+        import psutil
+
+        link = self.running("superlink")
+        if link is None:
+            raise RuntimeError("kill_superlink: the SuperLink is not running")
+        try:
+            root = psutil.Process(link.pid)
+            victims = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            victims = []
+        for proc in victims:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=30)
+        link.wait()
 
     def register(self, public_key: Path) -> int:
         """Register a SuperNode's public key through the Control API (``flwr supernode register``); its node id."""
@@ -116,10 +171,13 @@ class LoopbackDeployment:
             wait_for_port(node_port, node, 60, f"flower-supernode {name}", self.log(name))
         return node
 
-    def flwr_run(self, config_file: Path, out: Path) -> subprocess.Popen:
-        return self.start("flwr-run", [flwr_bin("flwr"), "run", str(app_folder(self.workdir)), CONNECTION, "--stream",
-                                       "--run-config", f"config-file='{config_file}' out='{out}' "
-                                       f"error-file='{self.workdir / 'error.txt'}'"])
+    def flwr_run(self, config_file: Path | None, out: Path, resume: bool = False) -> subprocess.Popen:
+        """``flwr run`` of the app with the settings in ``config_file`` and the outputs in ``out``; ``resume``:
+        continue the stopped run in ``out`` from its last checkpoint, with its own settings (no config file)."""
+        keys = f"out='{out}' resume=true" if resume else f"config-file='{config_file}' out='{out}'"
+        return self.start("flwr-run-resumed" if resume else "flwr-run",
+                          [flwr_bin("flwr"), "run", str(app_folder(self.workdir)), CONNECTION, "--stream",
+                           "--run-config", f"{keys} error-file='{self.workdir / 'error.txt'}'"])
 
     def wait_for(self, run: subprocess.Popen, out: Path, timeout: float, grace: float = 10.0) -> Path:
         """Wait until the ServerApp wrote ``out/summary.json`` (its last output).
@@ -138,14 +196,15 @@ class LoopbackDeployment:
             if run.poll() is not None:
                 ended = ended or now
                 if run.returncode != 0 or now - ended > grace:
+                    name = next((n for n, p in self.procs if p is run), "flwr-run")
                     raise RuntimeError(f"`flwr run` ended (code {run.returncode}) without the run's outputs: "
-                                       f"{self.last_error('flwr-run')}; logs in {self.workdir}")
+                                       f"{self.last_error(name)}; logs in {self.workdir}")
             time.sleep(0.5)
         return out
 
     def last_error(self, name: str) -> str:
         """The ServerApp's one-line error (``error-file``), else the last exception line in a process's log."""
-        if name == "flwr-run" and (self.workdir / "error.txt").is_file():
+        if name.startswith("flwr-run") and (self.workdir / "error.txt").is_file():
             return (self.workdir / "error.txt").read_text().strip()
         lines = self.log(name).read_text(errors="replace").splitlines() if self.log(name).exists() else []
         errors = [l.strip() for l in lines if l and not l[0].isspace() and ("Error: " in l or "Exception: " in l)]
