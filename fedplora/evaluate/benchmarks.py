@@ -115,7 +115,11 @@ def build_pubmedqa(rows, fmt, source):
         if fmt == "bigbio/pubmed_qa":
             contexts, question = r["CONTEXTS"], r["QUESTION"]
         else:
-            contexts, question = r["context"]["contexts"], r["question"]
+            context = r["context"]
+            if not isinstance(context, dict) or not isinstance(context.get("contexts"), list):
+                raise _row_error("pubmedqa", source, n, "context is not an object with a list of contexts "
+                                 "(qiaojin/PubMedQA's {\"contexts\": [...], ...})")
+            contexts, question = context["contexts"], r["question"]
         decision = str(r["final_decision"]).strip().lower()
         if decision not in PUBMEDQA_OPTIONS:
             raise _row_error("pubmedqa", source, n, f"final_decision {r['final_decision']!r} is not yes, no or maybe")
