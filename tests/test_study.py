@@ -1,9 +1,9 @@
 """`fedplora study`: the study file's checks, the cell grid, skip/resume/conflict, the report's determinism.
 
 The fast tests write finished cell folders themselves (a config.toml as the ServerApp writes it and a
-summary.json with a history), so the study's logic runs without any Flower run. The slow test runs a tiny
-real study, stops it with SIGTERM in the middle of a cell, continues it, and compares its table.json with
-an uninterrupted run's.
+summary.json with a history), so the study's logic runs without any Flower run. The slow ones run a tiny
+real study with one worker and with two, each stopped with SIGTERM while cells run and continued, and
+compare their tables and cell folders; and a run on a Ray cluster the test starts.
 """
 
 from __future__ import annotations
@@ -541,67 +541,9 @@ def test_every_shipped_study_file_loads(name):
     assert study.cells and len({c.rel for c in study.cells}) == len(study.cells)
 
 
-# ------------------------------------------------------------------ end to end: killed half-way and continued
+# ------------------------------------------------------------------ end to end (below): stopped and continued
 def _study_cmd(path: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedplora.study", str(path), "--out", str(out), "--quiet", *extra]
-
-
-@pytest.mark.slow
-def test_a_study_killed_half_way_and_continued_gives_the_uninterrupted_table(tmp_path):
-    """2 methods (FedIT at R and R/2) x 1 partition x 1 seed, 2 rounds; 4 cell runs in all (2 + the stopped one's
-    continuation + the second uninterrupted): 4-6 minutes on 2 busy cores, each cell ~1 minute, mostly Flower's
-    start-up."""
-    assert SKEW in TINY
-    text = TINY.replace("seeds = [0, 1]", "seeds = [0]").replace(SKEW, "")
-    path = write(tmp_path, text)
-    assert len(load_study(path, out=tmp_path / "x").cells) == 2
-    import psutil
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
-    # interrupted: SIGTERM while the second cell is running, after its first checkpoint
-    stopped = tmp_path / "stopped"
-    second = stopped / "cells" / "tweets" / "iid" / "fedit-r2" / "seed0"
-    proc = subprocess.Popen(_study_cmd(path, stopped), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while not (second / "checkpoint" / "checkpoint.json").is_file():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "the second cell never wrote a checkpoint"
-            time.sleep(0.2)
-        children = psutil.Process(proc.pid).children(recursive=True)  # the cell's SuperLink, flwr, Ray, ...
-        assert children
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, out
-    assert "stopped: 1 of 2 cells done" in out and not (second / "summary.json").exists()
-    _, alive = psutil.wait_procs(children, timeout=15)
-    assert not alive, f"processes of the stopped cell still run: {alive}"
-    # continued: the first cell is skipped, the second continues from its checkpoint
-    done = subprocess.run(_study_cmd(path, stopped), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 cells, 1 done, 1 to run (1 to continue from a checkpoint)" in done.stdout
-    assert "cell 2/2 continues" in done.stdout and "cell 1/2" not in done.stdout
-    # uninterrupted, in another folder: the first cell ran uninterrupted above (its folder is copied, so the
-    # study skips it), the second runs there from start to end
-    whole = tmp_path / "whole"
-    first = Path("cells") / "tweets" / "iid" / "fedit-r" / "seed0"
-    shutil.copytree(stopped / first, whole / first)
-    ref = subprocess.run(_study_cmd(path, whole), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    assert "2 cells, 1 done, 1 to run" in ref.stdout
-    finals = [json.loads((d / second.relative_to(stopped) / "summary.json").read_text())["final"]
-              for d in (stopped, whole)]
-    assert finals[0] == finals[1]  # the stopped-and-continued cell's results equal the uninterrupted one's, bit for bit
-    assert (stopped / "table.json").read_text() == (whole / "table.json").read_text()
-    assert (stopped / "report.md").read_text() == (whole / "report.md").read_text()
-    table = json.loads((whole / "table.json").read_text())
-    assert table["cells"]["done"] == 2 and all(r["n"] == 1 for r in table["tables"][0]["rows"])
 
 
 def test_function_level_noise_is_reported_once_under_its_fn_name():
@@ -757,3 +699,237 @@ def test_table_json_report_md_and_times_md_carry_the_time_to_target(tmp_path):
     write_report(finish_fraction, plots=False)
     assert "| FedIT R/2 | 61.00 ± 1.41 | 0,1 | — | not reached (2 seeds) | — |" in \
         (tmp_path / "out" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ several cells at once (--workers)
+def _normalised(value, key=""):
+    """A summary's or checkpoint record's content less its clock readings (TIMINGS, elapsed_s), with the float64
+    noise diagnostic to 12 digits (its sum over layers may round differently in the last bit between
+    processes; test_fault_tolerance compares it the same way). Of the record's global generator states only
+    torch's: Python's and NumPy's are never seeded (every draw of a run comes from its named streams, rng.py),
+    so they differ between any two runs, two sequential ones too."""
+    from fedplora.federation.history import TIMINGS
+
+    if key == "rng" and isinstance(value, dict):
+        return {"torch": value.get("torch")}
+    if isinstance(value, dict):
+        return {k: _normalised(v, k) for k, v in value.items() if k not in TIMINGS and k != "elapsed_s"}
+    if isinstance(value, list):
+        return [_normalised(v, key) for v in value]
+    if key.endswith("agg_noise") and isinstance(value, float):
+        return float(f"{value:.12g}")
+    return value
+
+
+def _same_cell_folders(a: Path, b: Path) -> int:
+    """Every file of every cell folder the same, byte for byte, but the clock: summary.json and the checkpoint
+    record compared without their wall times, simulation.log (Flower's streamed log: run ids, clock times) by
+    name only. Returns the number of files compared."""
+    files = sorted(p.relative_to(a) for p in (a / "cells").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in (b / "cells").rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name == "simulation.log":
+            continue
+        if rel.name in ("summary.json", "checkpoint.json"):
+            assert _normalised(json.loads((a / rel).read_text())) == _normalised(json.loads((b / rel).read_text())), rel
+        else:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    return len(files)
+
+
+@pytest.mark.slow
+def test_a_study_stopped_and_continued_sequentially_and_with_two_workers_gives_one_table_and_the_same_cells(
+        tiny_assets, tmp_path):
+    """4 cells (IID and non-IID x FedIT at R and R/2, 1 seed, 2 rounds, the tiny model), run twice in the same out
+    folder (so every path inside the cells is the same), each time stopped by SIGTERM and continued:
+
+    * with one worker (the cells run in the study's process), stopped while the second cell runs, after its
+      first checkpoint: it exits 130 with every process of the cell gone, and the same command skips the first
+      cell and continues the second from its checkpoint;
+    * with --workers 2, stopped while the first two cells run, each after its first checkpoint: both stop with
+      their checkpoints, and the same command continues both and runs the other two uninterrupted, two at once.
+
+    table.json and report.md are byte-identical, and so is every file of every cell folder but the clock
+    readings (_same_cell_folders). Between them the two studies hold, for each cell, a run that was stopped
+    and continued and one that was not (cell 1: continued with two workers, uninterrupted with one), so the
+    comparison also shows that continuing a cell gives the uninterrupted cell's files."""
+    import psutil
+
+    text = TINY.replace("seeds = [0, 1]", "seeds = [0]").replace(
+        "[base]\n", f"[base]\nmodel = {json.dumps(tiny_assets['model'])}\ndata_dir = {json.dumps(tiny_assets['data_dir'])}\n")
+    path = write(tmp_path, text)
+    study = tmp_path / "study"
+    cells = load_study(path, out=study).cells
+    assert len(cells) == 4
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
+
+    def stop_when_running(workers: str, running: list) -> str:
+        """The study with ``workers``, SIGTERMed once each of ``running`` has written a checkpoint; its output."""
+        proc = subprocess.Popen(_study_cmd(path, study, "--workers", workers), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while not all((c.folder / "checkpoint" / "checkpoint.json").is_file() for c in running):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, f"cells {[c.index for c in running]} never all checkpointed"
+                time.sleep(0.2)
+            cell_procs = [p for p in psutil.Process(proc.pid).children()
+                          if "fedplora.study.worker" in " ".join(p.cmdline())]
+            assert len(cell_procs) == (len(running) if workers != "1" else 0)  # a process per running cell
+            children = psutil.Process(proc.pid).children(recursive=True)  # SuperLinks, flwr, Ray, ...
+            assert children
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 130, out
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"processes of the stopped cells still run: {alive}"
+        assert all(not (c.folder / "summary.json").exists() and (c.folder / "checkpoint" / "checkpoint.json").is_file()
+                   for c in running)
+        return out
+
+    def finish(workers: str) -> str:
+        done = subprocess.run(_study_cmd(path, study, "--workers", workers), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    t0 = time.monotonic()
+    out = stop_when_running("1", cells[1:2])
+    assert "stopped: 1 of 4 cells done; the running cell keeps its checkpoint" in out
+    out = finish("1")
+    assert "4 cells, 1 done, 3 to run (1 to continue from a checkpoint);" in out  # one worker: nothing "at once"
+    assert "cell 2/4 continues" in out and "cell 1/4" not in out and not (study / "logs").exists()
+    study.rename(tmp_path / "sequential")
+    t1 = time.monotonic()
+
+    out = stop_when_running("2", cells[:2])
+    assert "stopped: 0 of 4 cells done; the running cells keep their checkpoints" in out
+    out = finish("2")
+    assert "4 cells, 0 done, 4 to run (2 to continue from a checkpoint), 2 at once" in out
+    assert "cell 1/4 continues" in out and "cell 2/4 continues" in out
+    assert "cell 3/4 starts" in out and "cell 4/4 starts" in out
+    log = (study / "logs" / "tweets" / "iid" / "fedit-r" / "seed0.log").read_text()  # a cell's console, outside it
+    assert "the cell starts" in log and "the cell continues" in log and "round 2/2" in log
+    t2 = time.monotonic()
+
+    sequential = tmp_path / "sequential"
+    assert (study / "table.json").read_text() == (sequential / "table.json").read_text()
+    assert (study / "report.md").read_text() == (sequential / "report.md").read_text()
+    assert _same_cell_folders(sequential, study) >= 4 * 9  # config, partitions, summary, plot, adapter/, checkpoint/
+    table = json.loads((study / "table.json").read_text())
+    assert table["cells"]["done"] == 4 and all(r["n"] == 1 for t in table["tables"] for r in t["rows"])
+    print(f"\none worker, stopped and continued: {t1 - t0:.0f} s; two workers, stopped and continued: {t2 - t1:.0f} s")
+
+
+@pytest.mark.slow
+def test_a_run_attaches_to_a_ray_cluster_it_did_not_start(tiny_assets, tmp_path, monkeypatch):
+    """Flower 1.42's federation config has no Ray address, but its Ray backend calls ray.init() without one, and
+    Ray then joins the cluster RAY_ADDRESS names (README, "Running a study on a machine with several GPUs"). A
+    head started here (`ray start --head --block`, in a temporary folder of its own, so no other Ray on this
+    machine finds it), a one-round run with RAY_ADDRESS set, and the head stopped by PID: `ray stop` would end
+    every Ray process on the machine, other runs' too."""
+    import tempfile
+
+    from fedplora.config import RunConfig
+    from fedplora.federation.processes import flower_env, flwr_bin, free_port, stop_tree, wait_for_port
+    from fedplora.federation.simulation import federation_config, run_simulation
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port, log = free_port(), tmp_path / "ray-head.log"
+    head = subprocess.Popen([flwr_bin("ray"), "start", "--head", "--block", "--port", str(port), "--temp-dir",
+                             str(temp), "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=flower_env(tmp_path / "home"),
+                            start_new_session=True)
+    try:
+        wait_for_port(port, head, 180, "ray start --head", log)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        cfg = RunConfig(model=tiny_assets["model"], data_dir=tiny_assets["data_dir"], rounds=1, num_clients=2,
+                        clients_per_round=2, local_steps=2, batch_size=8, max_seq_len=32, eval_max_examples=32,
+                        seed=3).validate()
+        assert "init-args-num-cpus" not in federation_config(cfg, cpus=1)  # Ray refuses a CPU count for a cluster
+        summary = run_simulation(cfg, tmp_path / "run")
+        assert [sorted(c["cid"] for c in h["clients"]) for h in summary["history"][1:]] == [[0, 1]]
+        assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+        # the clients ran on that cluster: its session holds the actors' logs (and the Simulation Engine's driver's)
+        logs = temp / "session_latest" / "logs"
+        actors = [p for p in logs.glob("worker-*.out") if ":actor_name:ClientAppActor" in p.read_text()]
+        assert actors and list(logs.glob("python-core-driver-*.log"))
+    finally:
+        stop_tree([head])
+        shutil.rmtree(temp, ignore_errors=True)
+    assert head.returncode is not None
+
+
+def test_workers_is_a_flag_and_a_study_key_and_a_bad_value_is_one_line(tmp_path, capsys):
+    from fedplora.cli import main as fedplora_main
+
+    path = write(tmp_path, TINY)
+    assert load_study(path).workers == 1
+    assert load_study(write(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nworkers = 3'), "w.toml")).workers == 3
+    for value, shown in (("0", "0"), ("-2", "-2"), ("two", "'two'"), ("1.5", "'1.5'")):
+        for run in (lambda: main([str(path), "--workers", value, "--dry-run"]),
+                    lambda: fedplora_main(["study", str(path), "--workers", value, "--dry-run"])):
+            assert run() == 2
+            err = capsys.readouterr().err
+            assert err == f"fedplora: error: --workers: must be an integer >= 1 (the cells run at once), got {shown}\n"
+    for value in ("0", "true", '"2"'):
+        bad = write(tmp_path, TINY.replace('name = "tiny"', f'name = "tiny"\nworkers = {value}'), "bad.toml")
+        message = error_of(tmp_path, bad.read_text())
+        assert "[study]: workers must be" in message
+    # the flag wins over the key, and the dry run divides its estimate among the workers
+    keyed = write(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nworkers = 4'), "k.toml")
+    assert main([str(keyed), "--out", str(tmp_path / "o"), "--dry-run", "--workers", "2"]) == 0
+    assert "(2 at once)" in capsys.readouterr().out
+    assert main([str(keyed), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "(4 at once)" in capsys.readouterr().out
+
+
+def test_each_worker_gets_a_gpu_else_a_share_of_the_cpus_and_none_on_a_ray_cluster(tmp_path, monkeypatch):
+    from fedplora.study import parallel
+    from fedplora.study.parallel import Share, check_shares, machine_shares, visible_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(parallel, "machine_cpus", lambda: 16)
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: [])
+    assert machine_shares(4) == [Share(4, None)] * 4 and machine_shares(32) == [Share(1, None)] * 32
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["2", "3"])
+    assert machine_shares(3) == [Share(5, "2"), Share(5, "3"), Share(5, "2")]  # round-robin past the GPUs
+    assert Share(5, "3").describe() == "GPU 3, 5 CPUs" and Share(1, None).describe() == "1 CPU"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert machine_shares(2) == [Share(None, None)] * 2
+    assert Share(None, None).describe() == "the Ray cluster's resources"
+    # the GPU ids a child's CUDA_VISIBLE_DEVICES takes: ours when set, else 0..n-1
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert visible_gpus() == ["5", "7"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]
+    # clients that need more CPUs than a cell's share would never be placed: refused in one line
+    study = load_study(write(tmp_path, TINY.replace("local_steps = 2", "local_steps = 2\nclient_cpus = 4")),
+                       out=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--workers 8: each cell gets 2 of this machine's 16 CPUs, but cell "
+                                          r"cells/tweets/iid/fedit-r/seed0 gives each client client_cpus=4 .* use "
+                                          r"--workers 4 or fewer"):
+        check_shares(study.cells, [Share(2, None)] * 8, 8)
+    check_shares(study.cells, [Share(4, None)] * 4, 4)
+    check_shares(study.cells, [Share(None, None)] * 8, 8)  # a cluster's scheduler decides
+
+
+def test_the_cpu_share_reaches_the_runs_ray_unless_it_joins_a_cluster(monkeypatch):
+    from fedplora.config import RunConfig
+    from fedplora.federation.simulation import federation_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = RunConfig(num_clients=4, clients_per_round=2, client_cpus=1.0, client_gpus=0.0)
+    assert f"init-args-num-cpus={os.cpu_count()} " in federation_config(cfg)  # a run alone: the whole machine
+    assert "init-args-num-cpus=3 " in federation_config(cfg, cpus=3)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert "init-args-num-cpus" not in federation_config(cfg, cpus=3)
+    assert "num-supernodes=4 client-resources-num-cpus=1" in federation_config(cfg, cpus=3)

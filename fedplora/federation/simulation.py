@@ -46,14 +46,28 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg.with_overrides(**fixed) if fixed else cfg
 
 
-def federation_config(cfg: RunConfig) -> str:
+def attached_ray() -> str | None:
+    """The Ray cluster this run's clients go to, when ``RAY_ADDRESS`` names one (else None: a Ray of its own).
+
+    Flower 1.42's federation config has no Ray address (its init-args are num-cpus, num-gpus, logging-level
+    and log-to-driver), but its Ray backend calls ``ray.init()`` with no address, and Ray then attaches to the
+    cluster ``RAY_ADDRESS`` names. The variable reaches flwr-simulation through the environment of every
+    process this module starts (``flower_env`` copies ours).
+    """
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def federation_config(cfg: RunConfig, cpus: int | None = None) -> str:
     """The simulated federation for ``flwr run --federation-config``: one SuperNode per client.
 
-    Flower 1.42 takes whole CPUs per client here, so ``client_cpus`` is rounded up.
+    Flower 1.42 takes whole CPUs per client here, so ``client_cpus`` is rounded up. ``cpus``: the CPUs the
+    run's own Ray may schedule clients on (default: all of this machine's), so that several runs at once
+    (``fedplora study --workers``) each keep to a share. Attached to an existing cluster (``attached_ray``)
+    the cluster's resources decide, and Ray refuses a CPU count there, so none is given.
     """
+    ray_cpus = "" if attached_ray() else f"init-args-num-cpus={cpus or os.cpu_count() or 2} "
     return (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={math.ceil(cfg.client_cpus)} "
-            f"client-resources-num-gpus={float(cfg.client_gpus or 0.0)} init-args-num-cpus={os.cpu_count() or 2} "
-            "init-args-log-to-driver=false")
+            f"client-resources-num-gpus={float(cfg.client_gpus or 0.0)} {ray_cpus}init-args-log-to-driver=false")
 
 
 def with_gpu_share(cfg: RunConfig) -> RunConfig:
@@ -77,11 +91,13 @@ def with_gpu_share(cfg: RunConfig) -> RunConfig:
 
 
 def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, *,
-                   resume: bool = False) -> dict[str, Any]:
+                   resume: bool = False, cpus: int | None = None) -> dict[str, Any]:
     """Run ``cfg`` with its outputs in ``out`` and return its summary; ``resume``: continue the stopped run there.
 
     ``progress``: the ServerApp's lines are echoed to its console (None: quiet). A run that fails
-    with a fedplora error raises that error here, with the ServerApp's one-line message.
+    with a fedplora error raises that error here, with the ServerApp's one-line message. ``cpus``: how many
+    of this machine's CPUs the run's clients may use at once (``federation_config``); it changes how many
+    clients train at the same time, never a setting or a number.
     """
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise ConfigError(f"fedplora run needs the project's pyproject.toml (the Flower app) at {PROJECT_ROOT}; "
@@ -132,7 +148,7 @@ def run_simulation(cfg: RunConfig, out: Path, progress: Progress | None = None, 
                 preexec_fn=die_with_parent))
             run = subprocess.Popen(
                 [flwr_bin("flwr"), "run", str(app_folder(work)), CONNECTION, "--stream",
-                 "--federation-config", federation_config(cfg), "--run-config", str(work / "run-config.toml")],
+                 "--federation-config", federation_config(cfg, cpus), "--run-config", str(work / "run-config.toml")],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
                 preexec_fn=die_with_parent)
             procs.append(run)

@@ -24,6 +24,8 @@ The package, in the order a study goes through it:
 * ``spec``: the study file's schema and checks, and the grid of cells (Entry, Cell, Study, load_study);
 * ``cells``: each cell's state from its folder, conflicts, reuse of other studies' cells, the state file;
 * ``estimate`` and ``runner``: the time left, and running the cells (run_study, dry_run, Stop);
+* ``parallel`` and ``worker``: several cells at once (``--workers``), each in a process of its own with its
+  share of the machine (a GPU, or a share of the CPUs);
 * ``summary``: the one summariser over seeds (mean and std; also ``fedplora compare``'s), rows, the reading,
   time to target (also compare's);
 * ``report`` and ``plots``: table.json, report.md, times.md and the plots;

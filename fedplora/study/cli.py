@@ -14,7 +14,7 @@ from ..errors import ConfigError, FedploraError
 from .cells import STATE_FILE, cell_status, check_conflicts, read_state, select_cells
 from .report import write_report
 from .runner import Stop, dry_run, raise_stop, run_study
-from .spec import load_study
+from .spec import load_study, workers_problem
 
 
 def _description() -> str:
@@ -48,27 +48,48 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only the cells whose folder matches, e.g. 'sst2/iid/*' or '*/seed0' (the report "
                         "still covers every cell)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines, only one line per cell")
+    p.add_argument("--workers", metavar="N", help="run up to N cells at once, each in a process of its own with a "
+                                                  "GPU each where there are GPUs, else a share of the CPUs "
+                                                  "(default: [study] workers, else 1; docs/study.md)")
+
+
+def _workers(text: str | None) -> int | None:
+    """``--workers N``, checked here rather than by argparse: a bad value is one ``fedplora: error:`` line."""
+    if text is None:
+        return None
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    problem = workers_problem(value)
+    if problem:
+        raise ConfigError(f"--workers: {problem}")
+    return int(text)
 
 
 def study_main(args: argparse.Namespace) -> int:
     """The ``fedplora study`` command. FedploraError lines are for the caller to print (as cli.main does)."""
+    workers = _workers(getattr(args, "workers", None))
     study = load_study(args.file, out=args.out)
     if args.only_cells is not None and args.only_cells < 1:
         raise ConfigError(f"--only-cells: must be >= 1, got {args.only_cells}")
+    workers = workers or study.workers
     cells = getattr(args, "cells", None)
     if args.dry_run:
-        dry_run(study, cells=cells)
+        dry_run(study, cells=cells, workers=workers)
         return 0
     select_cells(study, cells)  # a pattern that matches nothing: one line before anything runs
     check_conflicts(study)  # also for --report-only: a cell run with other settings is never reported as this study's
     if not args.report_only:
         previous = signal.signal(signal.SIGTERM, raise_stop)
         try:
-            run_study(study, only_cells=args.only_cells, echo_rounds=not args.quiet, cells=cells)
+            run_study(study, only_cells=args.only_cells, echo_rounds=not args.quiet, cells=cells, workers=workers)
         except (KeyboardInterrupt, Stop):
             done = sum(cell_status(c) == "done" for c in study.cells)
-            print(f"study {study.name} stopped: {done} of {len(study.cells)} cells done; the running cell keeps its "
-                  f"checkpoint. Continue with the same command.", flush=True)
+            running = "the running cells keep their checkpoints" if workers > 1 else \
+                "the running cell keeps its checkpoint"
+            print(f"study {study.name} stopped: {done} of {len(study.cells)} cells done; {running}. Continue with "
+                  "the same command.", flush=True)
             return 130
         finally:
             signal.signal(signal.SIGTERM, previous)

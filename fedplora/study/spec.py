@@ -21,7 +21,7 @@ from .summary import TARGET_FRACTION
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STUDY_KEYS = {"name": str, "out": str, "seeds": list, "percent": bool, "description": str, "reuse": list,
-              "target_fraction": float}
+              "target_fraction": float, "workers": int}
 TOP_KEYS = ("study", "base", "task", "method", "partition", "override", "paper")
 ENTRY_META = {"task": ("name", "label", "metric"), "method": ("name", "label"), "partition": ("name", "label")}
 STUDY_SETS = ("seed", "out")  # set by the study for each cell, never by an entry
@@ -71,7 +71,15 @@ class Study:
     paper_note: str
     reuse: list[Path] = field(default_factory=list)  # other studies' out folders whose finished cells may be copied
     target_fraction: float = TARGET_FRACTION  # time to target: this fraction of each table's best final mean
+    workers: int = 1  # cells run at once, each in a process of its own (--workers overrides it)
     cells: list[Cell] = field(default_factory=list)
+
+
+def workers_problem(value: object) -> str | None:
+    """What is wrong with a number of workers (``[study] workers``, ``--workers``), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be an integer >= 1 (the cells run at once), got {value!r}"
+    return None
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
@@ -152,7 +160,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                               f"known: {', '.join(STUDY_KEYS)}")
         if STUDY_KEYS[key] is float and isinstance(value, int) and not isinstance(value, bool):
             continue  # an integer is a number too (target_fraction = 1)
-        if not isinstance(value, STUDY_KEYS[key]):
+        if not isinstance(value, STUDY_KEYS[key]) or (STUDY_KEYS[key] is int and isinstance(value, bool)):
             kind = "number" if STUDY_KEYS[key] is float else STUDY_KEYS[key].__name__
             raise ConfigError(f"{src}: [study]: {key} must be a {kind}, got {value!r}")
     name = head.get("name", path.stem)
@@ -169,6 +177,10 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"{src}: [study]: target_fraction must be a number in (0, 1] (the fraction of each table's "
                           f"best final figure that time to target measures), got {head['target_fraction']!r}")
+    workers = head.get("workers", 1)
+    problem = workers_problem(workers)
+    if problem:
+        raise ConfigError(f"{src}: [study]: workers {problem}")
     base = data.get("base", {})
     if not isinstance(base, dict):
         raise ConfigError(f"{src}: [base] must be a table of fedplora settings")
@@ -183,7 +195,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study = Study(path=path, name=name, out=Path(out or head.get("out") or f"runs/study-{name}"), seeds=list(seeds),
                   percent=head.get("percent", True), description=head.get("description", ""), base=base,
                   tasks=tasks, methods=methods, partitions=partitions, overrides=overrides, paper=paper,
-                  paper_note=note, reuse=[Path(r) for r in reuse], target_fraction=fraction)
+                  paper_note=note, reuse=[Path(r) for r in reuse], target_fraction=fraction, workers=workers)
     if any(r.resolve() == study.out.resolve() for r in study.reuse):
         raise ConfigError(f"{src}: [study]: reuse names this study's own out folder {study.out}; list other "
                           "studies' out folders")
