@@ -208,6 +208,8 @@ SMOKE = ["--clients", "3", "--clients-per-round", "2", "--rounds", "2", "--local
          "--max-seq-len", "48", "--test-fraction", "0.2", "--eval-every", "2", "--eval-max-examples", "4",
          "--gen-max-examples", "1", "--gen-max-new-tokens", "4"]
 METHOD_OF = {"general-nlp": "fedplora", "finance": "hetlora", "medical": "flexlora", "code": "fslora"}
+# the benchmark each challenge is evaluated on (FlowerTune's), read from a sample evaluate_samples.py writes
+BENCHMARK_OF = {"general-nlp": "mmlu", "finance": "fpb", "medical": "pubmedqa", "code": "mbpp"}
 
 
 @pytest.mark.slow
@@ -241,3 +243,16 @@ def test_each_challenge_runs_end_to_end_from_its_toml(name, tmp_path, in_process
     saved = RunConfig.from_toml(tmp_path / "run" / "config.toml")
     assert saved.task == cfg.task and saved.comm_budget_mb == cfg.comm_budget_mb
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 32
+    # then the challenge's benchmark on the run folder, as a practitioner would quote it
+    from evaluate_samples import write_sample as write_benchmark
+    from fedplora.cli import main
+
+    bench = BENCHMARK_OF[name]
+    data = write_benchmark(bench, tmp_path / "bench")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(tmp_path / "run"), "--benchmark", bench, "--data", str(data), "--max-examples", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    figure = report["results"][bench]
+    assert report["run"] == str(tmp_path / "run") and report["settings"]["max_examples"] == 2
+    assert figure["metric"] and figure["value"] is not None and 0.0 <= figure["value"] <= 1.0, figure
