@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from fedplora import rng
 from fedplora.federation import client_app
@@ -42,7 +43,7 @@ class CountingGrid(InProcessGrid):
     addresses them): ``refuse`` adds node config to some (a device's own declarations, e.g. a task list without
     the run's task, so that the real ClientApp refuses); the ``mute`` ones never answer anything."""
 
-    def __init__(self, num_clients: int, refuse: dict[int, dict] | None = None, mute=()):
+    def __init__(self, num_clients: int, refuse: dict[int, dict] | None = None, mute=(), gone=()):
         super().__init__(num_clients)
         self.partition_of = flower_numbered_nodes(num_clients)
         self.order = sorted(self.partition_of)
@@ -52,6 +53,7 @@ class CountingGrid(InProcessGrid):
                                        node_config={"partition-id": p, **config, **refuse.get(node, {})})
                          for node, p in self.partition_of.items()}
         self.mute = {self.order[c] for c in mute}
+        self.gone = {self.order[c] for c in gone}  # Flower answers for these itself: "Node Unavailable"
         self.received: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         self.asked_as: dict[int, set[int]] = collections.defaultdict(set)  # node -> the client ids it was sent
 
@@ -61,8 +63,14 @@ class CountingGrid(InProcessGrid):
             node = msg.metadata.dst_node_id
             self.received[node][msg.metadata.message_type] += 1
             self.asked_as[node].add(int(msg.content["config"]["cid"]))
-        live = [m for m in messages if m.metadata.dst_node_id not in self.mute]
-        return super().send_and_receive(live, timeout=timeout)
+        live = [m for m in messages if m.metadata.dst_node_id not in self.mute | self.gone]
+        replies = super().send_and_receive(live, timeout=timeout)
+        for msg in messages:  # the SuperLink's own reply for a node whose heartbeat stopped (from its own id)
+            if msg.metadata.dst_node_id in self.gone:
+                self.sent += 1
+                msg.metadata.__dict__["_message_id"] = f"m{self.sent}"
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
+        return replies
 
 
 @pytest.fixture(scope="module")
@@ -105,25 +113,27 @@ def test_200_clients_2_a_round_message_only_the_sampled_nodes(many, in_process):
 
 def test_a_node_refusing_its_first_query_is_left_out_and_replaced(tiny_assets, in_process):
     """Client 3's node is a device that does not hold the run's task (the real ClientApp refuses), client 5's node
-    never answers: each is left out at its first query with its reason, the round draws the next candidate of the
-    seeded order in its place, and neither is asked again. Everything else is the run without them."""
+    never answers, and client 7's is gone (Flower itself answers "Node Unavailable", from the SuperLink's id): each
+    is left out at its first query with its reason, the round draws the next candidates of the seeded order in
+    their place, and none is asked again. Everything else is the run without them."""
     cfg = _small_cfg(tiny_assets, num_clients=8, clients_per_round=3, rounds=3, local_steps=1,
                      eval_max_examples=8, round_timeout=5.0, connect_timeout=5.0)
-    grid = CountingGrid(8, refuse={3: {"tasks": "sst2"}}, mute=[5])
-    order = sorted(grid.contexts)
-    refusing, silent = order[3], order[5]
+    grid = CountingGrid(8, refuse={3: {"tasks": "sst2"}}, mute=[5], gone=[7])
+    order = grid.order
+    refusing, silent, gone = order[3], order[5], order[7]
     _, entries = _rounds(cfg, grid)
 
     left = {f["node"]: (e["round"], f) for e in entries for f in e["failures"]}
-    assert set(left) == {refusing, silent}  # both were sampled (seed 3 samples them) and are left out
+    assert set(left) == {refusing, silent, gone}  # all sampled (seed 3 samples them) and left out
     for node, (rnd, f) in left.items():
         assert f["cid"] is None and f["stage"] == "query"
         assert f["reason"].startswith(f"node {node} left out of sampling")
         assert grid.received[node] == {"query": 1}  # asked once, never again
-    assert "this device does not hold task 'tweets'" in left[refusing][1]["reason"]
-    assert "no reply to its first query within 5s" in left[silent][1]["reason"]
+    assert "refused its first query: ValueError: this device does not hold task 'tweets'" in left[refusing][1]["reason"]
+    assert left[silent][1]["reason"].endswith("no reply to its first query within 5s")
+    assert "refused its first query: Error: Node Unavailable" in left[gone][1]["reason"]
     for e in entries:  # every round still has its 3 clients: a replacement came in for each node left out
-        assert e["aggregated"] and len(e["clients"]) == 3 and not {3, 5} & {c["cid"] for c in e["clients"]}
+        assert e["aggregated"] and len(e["clients"]) == 3 and not {3, 5, 7} & {c["cid"] for c in e["clients"]}
         roster = Roster(8, 3, cfg.seed)
         roster.refresh(order)
         roster.left_out = {n for n, (rnd, _) in left.items() if rnd < e["round"]}
@@ -134,7 +144,7 @@ def test_a_node_refusing_its_first_query_is_left_out_and_replaced(tiny_assets, i
                 wanted += 1
             if len(taken) == wanted:
                 break
-        assert [c["cid"] for c in e["clients"]] == sorted(p for p in taken if p not in (3, 5))
+        assert [c["cid"] for c in e["clients"]] == sorted(p for p in taken if p not in (3, 5, 7))
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
@@ -164,7 +174,6 @@ def test_the_roster_samples_the_seeded_client_ids_and_replaces_in_stream_order()
         int(c) for c in rng.generator("sampling", 7, 2, 1).choice(50, 4, replace=False))
     roster.leave_out(first[1][1])
     assert list(roster.candidates(2, 1)) == first[:1] + first[2:]  # the others' draws do not move
-    assert roster.eligible() == 49
     # identities: a first answer fixes a node's client; a conflicting or foreign claim is refused
     assert roster.identify(order[0], 12) == 12
     for node, claim, text in ((order[0], 13, "node of client 12 answered as client 13"),

@@ -65,10 +65,6 @@ class Roster:
         i = int(np.searchsorted(self.order, np.uint64(node)))
         return i < len(self.order) and int(self.order[i]) == node
 
-    def eligible(self) -> int:
-        """Connected nodes that are not left out."""
-        return len(self.order) - sum(1 for node in self.left_out if self.connected(node))
-
     def candidates(self, server_round: int, attempt: int) -> Iterator[tuple[int, int]]:
         """(position, node) in the round's seeded order, left-out nodes skipped: the first ``clients_per_round`` are
         the round's sample, the ones after it its replacements.

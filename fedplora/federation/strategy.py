@@ -165,13 +165,18 @@ class HeteroLoRAStrategy(Strategy):
             return {}, {"cids": set(), "left_out": 0}
         first = any(node not in self.roster.client_of for _, node in nodes)
         timeout = max(self.cfg.connect_timeout, self.cfg.round_timeout) if first else self.cfg.round_timeout
-        replies = grid.send_and_receive([self._query(node, server_round, p) for p, node in nodes], timeout=timeout)
+        messages = [self._query(node, server_round, p) for p, node in nodes]
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        # Flower answers for a node it knows to be gone itself ("Node Unavailable", from the SuperLink's own id):
+        # a reply belongs to the node its message went to (pushing a message gives it its id)
+        sent = {m.metadata.message_id: node for m, (_, node) in zip(messages, nodes)
+                if getattr(getattr(m, "metadata", None), "message_id", None)}
         wanted = {node for _, node in nodes}
         infos: dict[int, ClientInfo] = {}
         answered: set[int] = set()
         left_out = 0
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = sent.get(getattr(reply.metadata, "reply_to_message_id", None), reply.metadata.src_node_id)
             if node not in wanted or node in answered:
                 continue  # not asked, or a second answer: only the first counts
             answered.add(node)
