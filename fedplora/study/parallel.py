@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import ConfigError
 from .spec import Cell, Study
@@ -194,8 +194,9 @@ def run_cells(study: Study, cells: list[Cell], resumes: set[str], workers: int, 
 
     ``resumes``: the cells (by ``rel``) to continue from their checkpoint. ``on_start(cell, resume, share)``
     and ``on_end(cell, seconds, error or None, the cells still running or not started)`` are called in this
-    process, one at a time: the caller records and reports there, so the state file has one writer. KeyboardInterrupt (Ctrl-C,
-    or SIGTERM turned into ``Stop``) stops every running cell (``stop_all``) and propagates.
+    process, one at a time: the caller records and reports there, so the state file has one writer.
+    KeyboardInterrupt (Ctrl-C, or SIGTERM turned into ``Stop``) stops every running cell (``stop_all``) and
+    propagates.
     """
     shares = machine_shares(workers)
     check_shares(cells, shares, workers)
@@ -221,10 +222,3 @@ def run_cells(study: Study, cells: list[Cell], resumes: set[str], workers: int, 
             stop_all(list(slots.values()))
             raise
 
-
-def summary_line(summary: dict[str, Any] | None, cell: Cell) -> tuple[str, Any]:
-    """The metric a cell's progress line reports and its final value (None when there is none)."""
-    if not summary:
-        return "", None
-    metric = cell.task.metric or summary.get("metric", "")
-    return metric, summary.get("final", {}).get(metric)
