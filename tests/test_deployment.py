@@ -227,6 +227,16 @@ def test_device_refusal_reaches_the_server(tiny_assets, tmp_path):
     assert _left_running(tmp_path) == []
 
 
+def _cmdline(proc) -> list[str]:
+    """A child's command line, or nothing for one that exited (or is a zombie) while the children were listed."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
 def _count(path, text):
     return path.read_text(errors="replace").count(text) if path.exists() else 0
 
@@ -269,7 +279,7 @@ def test_a_superlink_killed_mid_round_comes_back_and_the_run_resumes_to_the_unin
             assert time.monotonic() < deadline, "round 2 of the run never started"
             time.sleep(0.1)
         serverapp = [p for p in psutil.Process(dep.running("superlink").pid).children(recursive=True)
-                     if "flwr-serverapp" in " ".join(p.cmdline())]
+                     if "flwr-serverapp" in " ".join(_cmdline(p))]
         assert serverapp, "the ServerApp runs under the SuperLink"
         dep.kill_superlink()
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in serverapp)
