@@ -8,9 +8,7 @@ left-padded into batches, and each continuation is cut at the first of the bench
 
 from __future__ import annotations
 
-import torch
-
-from ..hardware import model_device
+from ..tasks.causal import greedy_continuations
 
 
 def cut(text: str, stops: tuple[str, ...]) -> str:
@@ -19,23 +17,8 @@ def cut(text: str, stops: tuple[str, ...]) -> str:
     return text[:end]
 
 
-@torch.no_grad()
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
            stops: tuple[str, ...] = ()) -> list[str]:
     """The greedy continuation of each prompt (text, special tokens dropped), cut at ``stops``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = model_device(model)
-    kwargs = {"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
-        out.extend(cut(tokenizer.decode(row, skip_special_tokens=True), stops) for row in gen[:, width:].cpu())
-    return out
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return [cut(text, stops) for text in greedy_continuations(model, tokenizer, ids, max_new_tokens, batch_size, stops)]

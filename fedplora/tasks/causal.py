@@ -107,30 +107,10 @@ class CausalLMTask(Task):
         idx = rng.generator("generation_subset", self.config.seed).choice(len(dataset), size=n, replace=False)
         return sorted(int(i) for i in idx)
 
-    @torch.no_grad()
     def generate(self, model, prompts_ids: list[list[int]], batch_size: int = 8) -> list[str]:
         """Greedy continuations (text), left-padded batches, cut at EOS and the stop strings."""
-        tok = self.tokenizer
-        max_new = self.config.gen_max_new_tokens
-        pad = tok.pad_token_id
-        out: list[str] = []
-        kwargs: dict[str, Any] = {}
-        if self.stop_strings:
-            kwargs.update(stop_strings=list(self.stop_strings), tokenizer=tok)
-        for start in range(0, len(prompts_ids), batch_size):
-            chunk = prompts_ids[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
-            dev = model_device(model)
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tok.eos_token_id, **kwargs)
-            for row in gen[:, width:].cpu():
-                out.append(self.cut(tok.decode(row, skip_special_tokens=True)))
-        return out
+        return [self.cut(text) for text in greedy_continuations(
+            model, self.tokenizer, prompts_ids, self.config.gen_max_new_tokens, batch_size, tuple(self.stop_strings))]
 
     def cut(self, text: str) -> str:
         """The generation up to the first stop string."""
@@ -155,3 +135,27 @@ class CausalLMTask(Task):
         metrics.update(self.score(rows, generations))
         metrics["gen_examples"] = float(len(rows))
         return metrics
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                         stops: tuple[str, ...] = ()) -> list[str]:
+    """The greedy continuation of each prompt (token ids), as text with special tokens dropped: left-padded batches,
+    generation ends at EOS or at one of ``stops`` (the caller cuts the text there). Shared by the LLM tasks'
+    evaluation and ``fedplora evaluate``, so both decode the same way."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model_device(model)
+    kwargs: dict[str, Any] = {"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}
+    out: list[str] = []
+    for start in range(0, len(prompts_ids), batch_size):
+        chunk = prompts_ids[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+        out.extend(tokenizer.decode(row, skip_special_tokens=True) for row in gen[:, width:].cpu())
+    return out
