@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..tasks.base import json_lines
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
 Row = dict[str, Any]
@@ -91,16 +92,7 @@ def _json_records(text: str, file: Path) -> list[Row]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        data = None
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"--data {file} line {n} is not JSON ({e.msg}); a JSON lines file holds one "
-                                    "record a line") from None
-        return rows
+        return json_lines(text, f"--data {file}", "a JSON lines file holds one record a line")
     if isinstance(data, list):
         return data
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):

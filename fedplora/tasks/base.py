@@ -20,6 +20,22 @@ from .models import load_tokenizer
 __all__ = ["DataError", "Task"]  # DataError lives in fedplora.errors; importable from here as before
 
 
+
+def json_lines(text: str, where: str, hint: str) -> list[Any]:
+    """The records of a JSON lines text (blank lines skipped). Every reader of local data files (the instruct and
+    FlowerTune tasks, ``fedplora evaluate``) refuses a bad line the same way: one line naming ``where`` and the line
+    number, then ``hint``, what such a file should hold."""
+    import json
+
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} line {n} is not JSON ({e.msg}); {hint}") from None
+    return records
+
 class Task(ABC):
     name: ClassVar[str]
     metric: ClassVar[str]  # the headline metric (higher is better), e.g. "accuracy"

@@ -45,7 +45,7 @@ from datasets import Dataset
 
 from .. import rng
 from ..paths import local_path, missing_message, ref_kind
-from .base import DataError
+from .base import DataError, json_lines
 from .instruct import InstructTask
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -121,15 +121,9 @@ def _json_records(path: Path, task: str) -> list[Any]:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{task}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    records = []  # .jsonl, or a .json file of JSON lines (what datasets' Dataset.to_json writes)
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{task}: {path} line {n} is not JSON ({e.msg}); a {path.suffix} file holds a JSON "
-                                "list of records or one JSON object per line") from None
-    return records
+    # .jsonl, or a .json file of JSON lines (what datasets' Dataset.to_json writes)
+    return json_lines(text, f"{task}: {path}",
+                      f"a {path.suffix} file holds a JSON list of records or one JSON object per line")
 
 
 def read_file(path: Path, challenge: Challenge) -> list[dict[str, Any]]:

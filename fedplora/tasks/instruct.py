@@ -31,7 +31,7 @@ from datasets import Dataset
 
 from .. import rng
 from ..paths import local_path, missing_message, ref_kind
-from .base import DataError
+from .base import DataError, json_lines
 from .causal import CausalLMTask
 from .metrics import rouge_l
 
@@ -74,15 +74,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"instruct: no file {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"instruct: {path} line {n} is not JSON ({e.msg}); "
-                                    "a .jsonl file holds one JSON object per line") from None
-        return out
+        return json_lines(text, f"instruct: {path}", "a .jsonl file holds one JSON object per line")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
