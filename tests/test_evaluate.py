@@ -274,6 +274,38 @@ def test_mmlu_in_lukaemons_format_takes_its_subject_from_the_file_name(tiny, tmp
     assert rc == 0 and r["n"] == 1 and list(r["groups"]) == ["stem"] and r["examples"][0]["gold"] == "B"
 
 
+def test_a_script_datasets_rows_come_from_the_hubs_parquet_export(tmp_path):
+    """bigbio's PubMedQA is a loading script datasets 4 refuses; its rows are read from the export's layout, today's
+    ({config}/{split}/0000.parquet) or the older one ({config}/{name}-{split}.parquet), as the file would give them."""
+    from fedplora.evaluate.benchmarks import build_pubmedqa
+    from fedplora.evaluate.data import load_parquet_export
+
+    source = BENCHMARKS["pubmedqa"].hub
+    expected = build_pubmedqa(ROWS["pubmedqa"], "bigbio/pubmed_qa", "sample")
+    for n, layout in enumerate((f"{source.config}/{source.split}/0000.parquet",
+                                f"{source.config}/pubmed_qa-{source.split}.parquet")):
+        root = tmp_path / f"export{n}"
+        (root / layout).parent.mkdir(parents=True)
+        write(ROWS["pubmedqa"], root / layout)
+        rows = load_parquet_export(source, str(root))
+        assert build_pubmedqa(rows, "bigbio/pubmed_qa", "export") == expected
+    with pytest.raises(FileNotFoundError, match="no Parquet export of pubmed_qa_labeled_fold0_source/test"):
+        load_parquet_export(source, str(tmp_path / "empty"))
+
+
+def test_medqa_in_its_own_jsonl_format_scores_like_bigbios():
+    """The default source (GBaker/MedQA-USMLE-4-options: MedQA's own US 4-option jsonl) gives the options as a
+    {letter: text} object and answer_idx as a letter; bigbio gives a list of {key, value}: the same items."""
+    from fedplora.evaluate.benchmarks import build_medqa
+
+    bigbio = ROWS["medqa"]
+    own = [{"question": r["question"], "answer": r["answer"], "answer_idx": r["answer_idx"],
+            "options": {o["key"]: o["value"] for o in r["options"]}, "meta_info": r["meta_info"]} for r in bigbio]
+    assert build_medqa(own, "med_qa", "own") == build_medqa(bigbio, "med_qa", "bigbio")
+    by_letter = [dict(r, answer="not an option text") for r in own]
+    assert build_medqa(by_letter, "med_qa", "own") == build_medqa(bigbio, "med_qa", "bigbio")
+
+
 @pytest.mark.slow
 def test_medical_benchmarks_end_to_end(tiny, tmp_path, capsys):
     pubmed = write_sample("pubmedqa", tmp_path, "json")  # a JSON list, as bigbio's source schema

@@ -225,7 +225,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
                "qiaojin/PubMedQA": ("question", "context", "final_decision")}, build_pubmedqa, score_choice("boolean")),
     Benchmark("medmcqa", "medical", "accuracy", HubSource("openlifescienceai/medmcqa", None, "validation"),
               {"medmcqa": ("question", "opa", "opb", "opc", "opd", "cop")}, build_medmcqa, score_choice("mcq")),
-    Benchmark("medqa", "medical", "accuracy", HubSource("bigbio/med_qa", "med_qa_en_4options_source", "test"),
+    Benchmark("medqa", "medical", "accuracy", HubSource("GBaker/MedQA-USMLE-4-options", None, "test"),
               {"med_qa": ("question", "options", "answer")}, build_medqa, score_choice("mcq")),
     Benchmark("careqa", "medical", "accuracy", HubSource("HPAI-BSC/CareQA", "CareQA_en", "test"),
               {"CareQA": ("question", "op1", "op2", "op3", "op4", "cop")}, build_careqa, score_choice("mcq")),

@@ -37,19 +37,59 @@ class HubSource:
         return f"{self.path}" + (f" ({self.config})" if self.config else "") + f", split {self.split}"
 
 
+SCRIPT_REFUSED = "Dataset scripts are no longer supported"
+# The hub's own Parquet export of every dataset it could convert, scripts included, one folder per
+# configuration and split: what the dataset viewer serves (https://huggingface.co/docs/dataset-viewer/parquet).
+PARQUET_EXPORT = "hf://datasets/{path}@refs%2Fconvert%2Fparquet"
+
+
 def load_hub(source: HubSource, what: str) -> list[Row]:
-    """The split(s) from the hub; a failure (offline, a dataset that is a loading script, which ``datasets`` 4
-    no longer runs, no access) is one line that says how to evaluate from a file instead."""
+    """The split(s) from the hub; a failure (offline, no access, no export) is one line that says how to evaluate
+    from a file instead.
+
+    Several of FlowerTune's sources (bigbio's PubMedQA and MedQA) are loading scripts, which ``datasets`` 4 no
+    longer runs; the hub keeps a Parquet export of the rows the script once produced, so those are read from it:
+    the same rows FlowerTune's evaluation scores, without running the script."""
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(source.path, source.config, split=source.split)
     except Exception as e:  # noqa: BLE001 - any reason the hub cannot serve it ends the same way, named
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DataError(f"{what}: cannot load {source.describe()} from the hub ({reason}); save that split in "
-                        f"its own format and pass it with --data FILE (docs/tasks.md, 'Evaluating an adapter')"
-                        ) from None
+        if SCRIPT_REFUSED not in str(e):
+            raise _hub_error(source, what, e) from None
+        try:
+            return load_parquet_export(source)
+        except Exception as e2:  # noqa: BLE001
+            raise _hub_error(source, what, e2, "its Parquet export: ") from None
     return dataset.to_list()
+
+
+def load_parquet_export(source: HubSource, root: str | None = None) -> list[Row]:
+    """The rows of ``source`` from the Parquet export (``root``: the export's folder; a local copy in tests)."""
+    from datasets import load_dataset
+
+    root = root or PARQUET_EXPORT.format(path=source.path)
+    config = source.config or "default"
+    rows: list[Row] = []
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(root)  # "hf://" is huggingface_hub's file system; a plain path is local
+    for split in source.split.split("+"):
+        layouts = (f"{root}/{config}/{split}/*.parquet",  # the export's layout today
+                   f"{root}/{config}/*-{split}.parquet")  # and before 2023, kept where a script never re-ran
+        files = next((found for pattern in layouts if (found := sorted(fs.glob(pattern)))), None)
+        if not files:
+            raise FileNotFoundError(f"no Parquet export of {config}/{split} at {root}")
+        if root.startswith("hf://"):
+            files = ["hf://" + f for f in files]  # fs.glob drops the protocol
+        rows += load_dataset("parquet", data_files={split: files}, split=split).to_list()
+    return rows
+
+
+def _hub_error(source: HubSource, what: str, e: Exception, where: str = "") -> DataError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return DataError(f"{what}: cannot load {source.describe()} from the hub ({where}{reason}); save that split in "
+                     f"its own format and pass it with --data FILE (docs/tasks.md, 'Evaluating an adapter')")
 
 
 def read_rows(path: str | Path, what: str) -> list[Row]:
