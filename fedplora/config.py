@@ -272,6 +272,13 @@ class RunConfig:
     client_gpus: float | None = setting(None, "simulation: share of a GPU per virtual client, 0.25 = four clients "
                                               "per GPU (default: 0 when the device is the CPU, else 1/clients_per_round)",
                                         ge=0, le=1)
+    # a pool of interchangeable simulated nodes instead of one a client (docs/deployment.md, "Which node serves
+    # which client"): Flower's per-node costs (a Context each, the Simulation Engine's message poll) then follow
+    # the pool, not the federation; the rounds sample, train and aggregate exactly as with one node a client
+    simulation_nodes: int = setting(0, "simulation: register only this many SuperNodes, each serving whichever "
+                                       "sampled client the server assigns it (at least clients_per_round, at "
+                                       "most num_clients; same numbers as one node a client)",
+                                    ge=0, hint="0 = one node per client")
     dtype: str = setting("float32", "dtype of the frozen base (adapters keep float32 masters)",
                          choices=("float32", "bfloat16", "float16"))
     quantization: str = setting("none", "quantize the frozen base with bitsandbytes (QLoRA-style NF4 for 4bit)",
@@ -365,6 +372,13 @@ class RunConfig:
              "lower --clients-per-round or raise --clients")
         need(self.min_nodes is None or self.min_nodes <= self.num_clients,
              f"min_nodes: {self.min_nodes} is more than num_clients={self.num_clients}; lower --min-nodes")
+        need(self.simulation_nodes == 0 or self.clients_per_round <= self.simulation_nodes <= self.num_clients,
+             f"simulation_nodes: {self.simulation_nodes} pool nodes for {self.clients_per_round} clients a round of "
+             f"{self.num_clients}; use 0 (one node per client) or a pool between clients_per_round and num_clients "
+             f"(--simulation-nodes {self.clients_per_round} to {self.num_clients})")
+        need(self.simulation_nodes == 0 or self.min_nodes is None or self.min_nodes <= self.simulation_nodes,
+             f"min_nodes: {self.min_nodes} is more than the simulation_nodes={self.simulation_nodes} the pool "
+             "registers; lower --min-nodes or leave it unset")
         need(self.min_replies <= self.clients_per_round,
              f"min_replies: {self.min_replies} is more than clients_per_round={self.clients_per_round}; "
              "lower --min-replies or raise --clients-per-round")

@@ -126,7 +126,9 @@ def _non_default(s):
                # a fraction the sampled aggregator (norm_clip) tolerates; local DP, which every method allows
                "byzantine_fraction": ("0.1", 0.1), "dp_mode": ("local", "local"),
                # an epoch count instead of steps; a schedule's floor below the (halved) lr
-               "local_epochs": ("2", 2), "lr_min": ("0.0001", 1e-4)}
+               "local_epochs": ("2", 2), "lr_min": ("0.0001", 1e-4),
+               # a pool between clients_per_round (3) and num_clients (12), and at least min_nodes (5)
+               "simulation_nodes": ("6", 6)}
     if s.name in samples:
         return samples[s.name]
     if s.rule.choices:

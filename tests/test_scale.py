@@ -218,3 +218,134 @@ def test_a_reply_error_on_a_known_node_drops_it_for_the_round_only(tiny_assets, 
     assert [c["cid"] for c in one["clients"]] == [0, 1, 2] and not one["failures"]
     assert two["failures"] == [{"cid": 0, "stage": "query", "reason": "connection reset", "attempt": 0}]
     assert [c["cid"] for c in two["clients"]] == [1, 2] and two["aggregated"]
+
+
+# ------------------------------------------------------------------------ a pool of simulated nodes (simulation_nodes)
+@pytest.fixture(scope="module")
+def pooled(many):
+    """One run of 200 clients, 2 a round, three times: with one node per client, and with a pool of 2 nodes."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:  # what ``in_process`` does, for the module
+        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+            mp.setattr(TaskIdentity, name, value)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for pool in (0, 2):
+                cfg = _small_cfg(many, num_clients=200, clients_per_round=2, rounds=3, local_steps=1,
+                                 eval_max_examples=8, simulation_nodes=pool)
+                grid = CountingGrid(pool or cfg.num_clients)
+                runs[pool] = (cfg, grid, *_rounds(cfg, grid))
+        finally:
+            torch.set_num_threads(threads)
+    return runs
+
+
+def test_a_pool_trains_the_clients_one_node_per_client_trains_to_the_same_state(pooled):
+    (_, _, state, entries), (cfg, _, pool_state, pool_entries) = pooled[0], pooled[2]
+    for e in pool_entries:  # the seed's clients, as with 200 nodes
+        assert [c["cid"] for c in e["clients"]] == sorted(
+            int(c) for c in rng.generator("sampling", cfg.seed, e["round"], 0).choice(200, 2, replace=False))
+    assert len(entries) == cfg.rounds and pool_entries == entries
+    assert all(e["aggregated"] and not e["failures"] for e in entries)
+    assert state.keys() == pool_state.keys() and all(torch.equal(state[k], pool_state[k]) for k in state)
+    from fedplora.federation.simulation import federation_config
+
+    assert federation_config(cfg, cpus=2).startswith("num-supernodes=2 ")  # Flower registers the pool only
+
+
+def test_every_message_goes_to_a_pool_node_each_serving_other_clients_over_rounds(pooled):
+    cfg, grid, _, entries = pooled[2]
+    assert set(grid.received) == set(grid.contexts) and len(grid.contexts) == 2
+    assert all(grid.received[n] == {"query": cfg.rounds, "train": cfg.rounds} for n in grid.contexts)
+    assert all(len(grid.asked_as[n]) == cfg.rounds for n in grid.contexts)  # a different client each round
+    assert set().union(*grid.asked_as.values()) == {c["cid"] for e in entries for c in e["clients"]}
+    # the i-th client drawn goes to the i-th pool node in node-id order
+    for rnd in range(1, cfg.rounds + 1):
+        drawn = [int(c) for c in rng.generator("sampling", cfg.seed, rnd, 0).choice(200, 2, replace=False)]
+        assert all(drawn[i] in grid.asked_as[node] for i, node in enumerate(grid.order))
+
+
+def test_the_pool_gives_the_seeded_clients_to_its_nodes_in_order_and_keeps_state_per_pool_node():
+    nodes = sorted(int(n) for n in np.random.default_rng(1).integers(0, 2**64, size=4, dtype=np.uint64))
+    roster = Roster(200, 3, seed=7, pool=4)
+    roster.refresh(nodes)
+    drawn = [int(c) for c in rng.generator("sampling", 7, 2, 0).choice(200, 3, replace=False)]
+    assert roster.pool_sample(2, 0) == (list(zip(drawn, nodes)), [])  # the i-th client drawn, the i-th node
+    roster.leave_out(nodes[0])
+    assert roster.pool_sample(2, 0) == (list(zip(drawn, nodes[1:])), [])  # a spare steps in, the clients stay
+    roster.leave_out(nodes[2])
+    assert roster.pool_sample(2, 0) == ([(drawn[0], nodes[1]), (drawn[1], nodes[3])], [drawn[2]])
+    # a pool node answers as the client it is asked, a different one each round; the state stays per pool node
+    for rnd, cid in enumerate((5, 9, 5, 11)):
+        assert roster.identify(nodes[1], cid, cid) == cid and roster.identify(nodes[3], 100 + rnd, 100 + rnd)
+    assert roster.client_of == {nodes[1]: 11, nodes[3]: 103} and roster.node_of == {11: nodes[1], 103: nodes[3]}
+    with pytest.raises(ValueError, match=r"answered as client 4 when asked to serve client 6: only simulated nodes"):
+        roster.identify(nodes[1], 4, 6)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"simulation_nodes": 1}, r"simulation_nodes: 1 pool nodes for 2 clients a round of 10; use 0 \(one node per "
+                              r"client\) or a pool between clients_per_round and num_clients \(--simulation-nodes 2 "
+                              r"to 10\)"),
+    ({"simulation_nodes": 11}, r"simulation_nodes: 11 pool nodes for 2 clients a round of 10; use 0"),
+    ({"simulation_nodes": -1}, r"simulation_nodes: must be an integer >= 0 \(0 = one node per client\), got -1"),
+    ({"simulation_nodes": 3, "min_nodes": 4}, r"min_nodes: 4 is more than the simulation_nodes=3 the pool registers"),
+])
+def test_a_bad_pool_size_is_one_line(overrides, match, capsys):
+    from fedplora.cli import main
+    from fedplora.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(**overrides).validate()
+    argv = ["run"] + [f for k, v in overrides.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedplora: error: ") and err.count("\n") == 1, err
+
+
+def test_a_deployment_refuses_a_pool(tmp_path):
+    from fedplora.config import ConfigError, RunConfig
+    from fedplora.federation.deployment import prepare
+
+    with pytest.raises(ConfigError, match=r"^simulation_nodes: 2 is a simulation setting .* drop --simulation-nodes$"):
+        prepare(RunConfig(simulation_nodes=2), tmp_path, 3)
+    assert not (tmp_path / "deployment").exists()
+
+
+def test_a_pool_node_that_refuses_is_left_out_and_its_client_fails_that_round(tiny_assets, in_process):
+    """The first pool node in node-id order cannot serve the run (here, as a device without the run's task): it is
+    left out at its first query with its reason, the client it was asked to serve fails round 1 (not replaced),
+    and the two other nodes serve every later round's clients, the ones one node per client would sample."""
+    cfg = _small_cfg(tiny_assets, num_clients=8, clients_per_round=2, rounds=3, local_steps=1, eval_max_examples=8,
+                     simulation_nodes=3)
+    grid = CountingGrid(3, refuse={0: {"tasks": "sst2"}})
+    refusing = grid.order[0]
+    _, entries = _rounds(cfg, grid)
+
+    drawn = {e["round"]: [int(c) for c in rng.generator("sampling", cfg.seed, e["round"], 0).choice(8, 2,
+                                                                                                   replace=False)]
+             for e in entries}
+    one = entries[0]
+    (failure,) = one["failures"]
+    assert failure["node"] == refusing and failure["cid"] == drawn[1][0] and failure["stage"] == "query"
+    assert failure["reason"].startswith(f"node {refusing} left out of the pool: refused its first query: ValueError: "
+                                        "this device does not hold task 'tweets'")
+    assert [c["cid"] for c in one["clients"]] == [drawn[1][1]] and one["aggregated"]
+    assert grid.received[refusing] == {"query": 1}  # asked once, never again
+    for e in entries[1:]:
+        assert sorted(drawn[e["round"]]) == [c["cid"] for c in e["clients"]] and e["aggregated"] and not e["failures"]
+    assert all(grid.received[n] == {"query": 3, "train": 3} if n == grid.order[1] else {"query": 2, "train": 2}
+               for n in grid.order[1:])
+
+
+def test_a_pool_whose_nodes_all_refuse_stops_with_the_reason(tiny_assets, in_process):
+    cfg = _small_cfg(tiny_assets, num_clients=8, clients_per_round=2, rounds=1, local_steps=1, eval_max_examples=8,
+                     simulation_nodes=2)
+    grid = CountingGrid(2, refuse={0: {"tasks": "bbc"}, 1: {"tasks": "bbc"}})
+    with pytest.raises(NoNodeServes, match=r"no node has answered a query, so the run cannot train: node \d+ left "
+                                           r"out of the pool: refused its first query: .*does not hold task"):
+        _rounds(cfg, grid)
+    assert sum(c["query"] for c in grid.received.values()) == 2

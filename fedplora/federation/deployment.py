@@ -31,7 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from .client_app import DEVICE_LOCAL_SETTINGS
 from .credentials import make_node_key, make_tls
 from .processes import PROJECT_ROOT, app_folder, die_with_parent, flower_env, flwr_bin, free_port, stop_tree, wait_for_port
@@ -219,6 +219,9 @@ def prepare(cfg: RunConfig, out: Path, n: int) -> tuple[RunConfig, Path]:
     """The run's settings for ``n`` SuperNodes, written to ``out/deployment/run.toml``; returns them and the file."""
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise FileNotFoundError(f"the Flower app's pyproject.toml is not at {PROJECT_ROOT}")
+    if cfg.simulation_nodes:  # a device serves only its own client: devices cannot stand in for each other
+        raise ConfigError(f"simulation_nodes: {cfg.simulation_nodes} is a simulation setting (a pool of simulated "
+                          "nodes); a deployment has one SuperNode per client: drop --simulation-nodes")
     if cfg.num_clients != n:
         cfg = cfg.with_overrides(num_clients=n, clients_per_round=min(cfg.clients_per_round, n),
                                  min_replies=min(cfg.min_replies, n))

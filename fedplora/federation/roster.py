@@ -29,10 +29,21 @@ asked as client p (the message carries p):
 A node whose first answer is a refusal (an error reply, or a client id that another connected node holds), or
 that does not answer its first query in time, is left out of sampling for the rest of the run (the strategy
 records why and draws a replacement, ``HeteroLoRAStrategy.client_infos``).
+
+A pool (``simulation_nodes`` K > 0, ``pool_sample``): the simulation registers only K nodes, because Flower's
+own costs grow with the registered nodes (a Context each; the Simulation Engine's message poll scans every
+stored message for every node, every 0.1 s), not because the server needs them. The round's clients are then
+drawn from the same stream as if ``num_clients`` nodes were connected (so the same clients, in the same order)
+and the i-th client drawn is asked of the i-th pool node, in node-id order, that is not left out. A pool node
+answers as the client it was asked, a different one each round; ``client_of`` holds its latest client and
+``node_of`` only the clients the pool serves now, so the state stays per pool node. A pool node whose first
+query fails is left out of the pool as above; its client fails that round, not replaced (the sample stays the
+one-node-per-client run's).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -49,8 +60,9 @@ class NoNodeServes(FedploraError):
 class Roster:
     """The server's view of the federation: O(1) state per node (``order``), more only for nodes a round asked."""
 
-    def __init__(self, num_clients: int, clients_per_round: int, seed: int) -> None:
+    def __init__(self, num_clients: int, clients_per_round: int, seed: int, pool: int = 0) -> None:
         self.num_clients, self.clients_per_round, self.seed = num_clients, clients_per_round, seed
+        self.pool = pool  # simulation_nodes: > 0, the nodes are interchangeable workers (``pool_sample``)
         self.order = np.empty(0, dtype=np.uint64)  # connected node ids, sorted (Flower's ids are unsigned 64-bit)
         self.client_of: dict[int, int] = {}  # node -> the client id it answered (nodes that answered only)
         self.node_of: dict[int, int] = {}  # client id -> the node that answered as it
@@ -74,7 +86,26 @@ class Roster:
         position a draw, repeats skipped, until every position was seen. A replacement is therefore the same
         whichever earlier candidate was left out, and a left-out node changes no other client's draw.
         """
-        size = len(self.order)
+        for p in self._positions(len(self.order), server_round, attempt):
+            node = int(self.order[p])
+            if node not in self.left_out:
+                yield p, node
+
+    def pool_sample(self, server_round: int, attempt: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """A pool's round: (client, node) for the round's clients, and the clients no pool node is left for.
+
+        The clients are the first ``clients_per_round`` of the stream ``candidates`` walks with ``num_clients``
+        nodes connected (``choice(num_clients, k)``), so a pool samples exactly the clients one node per client
+        samples; the i-th of them goes to the i-th pool node, in node-id order, that is not left out. No
+        replacements are drawn: the sample never depends on which pool node failed.
+        """
+        clients = list(itertools.islice(self._positions(self.num_clients, server_round, attempt),
+                                        self.clients_per_round))
+        nodes = [int(n) for n in self.order if int(n) not in self.left_out]
+        return list(zip(clients, nodes)), clients[len(nodes):]
+
+    def _positions(self, size: int, server_round: int, attempt: int) -> Iterator[int]:
+        """Every position in [0, size) once, in the round's seeded order (``candidates``)."""
         if size == 0:
             return
         draw = rng.generator("sampling", self.seed, server_round, attempt)
@@ -87,22 +118,28 @@ class Roster:
                 yield int(draw.integers(size))
 
         for p in positions():
-            if p in seen:
-                continue
-            seen.add(p)
-            node = int(self.order[p])
-            if node not in self.left_out:
-                yield p, node
+            if p not in seen:
+                seen.add(p)
+                yield p
 
-    def identify(self, node: int, claimed) -> int:
+    def identify(self, node: int, claimed, asked: int | None = None) -> int:
         """Record the client id ``node`` answered (its first answer fixes it) and return it; ``ValueError`` naming
         the conflict when the answer is not a client id of this run, differs from the node's earlier answer, or
-        names a client that another connected node answered as."""
+        names a client that another connected node answered as. In a pool, a node serves whichever client it is
+        ``asked``, so only an answer other than that one is a conflict (a device, which cannot be pooled)."""
         if isinstance(claimed, bool) or not isinstance(claimed, (int, np.integer)):
             raise ValueError(f"answered client id {claimed!r}, not an integer")
         cid = int(claimed)
         if not 0 <= cid < self.num_clients:
             raise ValueError(f"answered client id {cid}, outside [0, num_clients={self.num_clients})")
+        if self.pool:
+            if cid != asked:
+                raise ValueError(f"answered as client {cid} when asked to serve client {asked}: only simulated "
+                                 f"nodes can serve as a pool (simulation_nodes={self.pool})")
+            if self.node_of.get(self.client_of.get(node, -1)) == node:
+                del self.node_of[self.client_of[node]]  # its client of an earlier round is no longer served by it
+            self.client_of[node], self.node_of[cid] = cid, node
+            return cid
         known = self.client_of.get(node)
         if known is not None:
             if known != cid:

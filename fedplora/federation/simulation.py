@@ -58,7 +58,8 @@ def attached_ray() -> str | None:
 
 
 def federation_config(cfg: RunConfig, cpus: int | None = None) -> str:
-    """The simulated federation for ``flwr run --federation-config``: one SuperNode per client.
+    """The simulated federation for ``flwr run --federation-config``: one SuperNode per client, or the pool's
+    ``simulation_nodes`` (each serves whichever client the server asks it to: ``roster.py``).
 
     Flower 1.42 takes whole CPUs per client here, so ``client_cpus`` is rounded up. ``cpus``: the CPUs the
     run's own Ray may schedule clients on (default: all of this machine's), so that several runs at once
@@ -66,7 +67,8 @@ def federation_config(cfg: RunConfig, cpus: int | None = None) -> str:
     the cluster's resources decide, and Ray refuses a CPU count there, so none is given.
     """
     ray_cpus = "" if attached_ray() else f"init-args-num-cpus={cpus or os.cpu_count() or 2} "
-    return (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={math.ceil(cfg.client_cpus)} "
+    nodes = cfg.simulation_nodes or cfg.num_clients
+    return (f"num-supernodes={nodes} client-resources-num-cpus={math.ceil(cfg.client_cpus)} "
             f"client-resources-num-gpus={float(cfg.client_gpus or 0.0)} {ray_cpus}init-args-log-to-driver=false")
 
 

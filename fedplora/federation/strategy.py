@@ -91,7 +91,7 @@ class HeteroLoRAStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self.setup = json.dumps(cfg.to_dict())  # the run's settings, encoded once for every message
         # which node serves which client: learned from the nodes a round asks (roster.py), O(1) per node
-        self.roster = Roster(cfg.num_clients, cfg.clients_per_round, cfg.seed)
+        self.roster = Roster(cfg.num_clients, cfg.clients_per_round, cfg.seed, pool=cfg.simulation_nodes)
         self.first_refusal: str | None = None  # why the first node was left out (the line a run stops with
         # when no node has ever answered: ``client_infos``)
         self._pending: dict[int, tuple[int, ClientTask]] = {}  # message dst node -> (cid, task)
@@ -114,14 +114,16 @@ class HeteroLoRAStrategy(Strategy):
 
     # ------------------------------------------------------------ nodes, sampling and the budget query
     def wait_for_nodes(self, grid: Grid, timeout: float) -> int:
-        """Wait until ``min_nodes`` nodes (default ``num_clients``) are connected; returns how many are.
+        """Wait until ``min_nodes`` nodes (default ``num_clients``, or the pool's ``simulation_nodes``) are
+        connected; returns how many are.
 
         No node is asked anything here: a node is asked its client id, budget and example count only when a round
         samples it (``client_infos``). In simulation Flower registers every node right after the ServerApp starts,
         so this waits a fraction of a second, and waiting for all of them makes the positions the rounds sample
         the client ids 0..num_clients-1 (``roster``). A deployment of many devices may start with fewer.
         """
-        need = self.cfg.min_nodes if self.cfg.min_nodes is not None else self.cfg.num_clients
+        need = self.cfg.min_nodes if self.cfg.min_nodes is not None else (self.cfg.simulation_nodes
+                                                                            or self.cfg.num_clients)
         deadline = time.monotonic() + timeout
         while (count := self.roster.refresh(grid.get_node_ids())) < need:
             if time.monotonic() > deadline:
@@ -143,14 +145,30 @@ class HeteroLoRAStrategy(Strategy):
         first query is replaced once, by the next candidates of the same seeded order; the replacements' own
         refusals are recorded and not replaced again (a round waits for at most two queries). A node that answered
         before and fails now only misses this round, as any client that fails.
+
+        A pool (``simulation_nodes``) asks its nodes as the clients one node per client would sample
+        (``Roster.pool_sample``); a client whose pool node fails, or for which no pool node is left, fails this
+        round and is not replaced, so that the clients trained stay those of the one-node-per-client run.
         """
         self.roster.refresh(grid.get_node_ids())
-        candidates = self.roster.candidates(server_round, attempt)
-        infos, asked = self._ask(grid, server_round, list(itertools.islice(candidates, self.cfg.clients_per_round)))
-        if asked["left_out"]:
-            more, again = self._ask(grid, server_round, list(itertools.islice(candidates, asked["left_out"])))
-            infos.update(more)
-            asked["cids"] |= again["cids"]
+        if self.roster.pool:
+            pairs, unserved = self.roster.pool_sample(server_round, attempt)
+            if not pairs:
+                raise NoNodeServes(f"no node of the pool (simulation_nodes={self.roster.pool}) can serve the run: "
+                                   + (self.first_refusal or "none is connected"))
+            for cid in unserved:
+                self.record.fail(cid, "query", f"no pool node left to serve it: {len(self.roster.left_out)} of "
+                                               f"simulation_nodes={self.roster.pool} were left out")
+            infos, asked = self._ask(grid, server_round, pairs)
+            asked["cids"] |= set(unserved)
+        else:
+            candidates = self.roster.candidates(server_round, attempt)
+            infos, asked = self._ask(grid, server_round,
+                                     list(itertools.islice(candidates, self.cfg.clients_per_round)))
+            if asked["left_out"]:
+                more, again = self._ask(grid, server_round, list(itertools.islice(candidates, asked["left_out"])))
+                infos.update(more)
+                asked["cids"] |= again["cids"]
         if not self.roster.client_of and self.first_refusal is not None:
             raise NoNodeServes(f"no node has answered a query, so the run cannot train: {self.first_refusal}")
         self.record.attackers = sorted(asked["cids"] & self.attackers)
@@ -158,9 +176,9 @@ class HeteroLoRAStrategy(Strategy):
 
     def _ask(self, grid: Grid, server_round: int, nodes: list[tuple[int, int]]
              ) -> tuple[dict[int, ClientInfo], dict[str, Any]]:
-        """Query ``nodes`` ((position, node) pairs); their infos by client id, and what happened: the client ids
-        known for the asked nodes and how many were left out. A node's first query may take ``connect_timeout``
-        (it may load its model and data first), later ones ``round_timeout``."""
+        """Query ``nodes`` ((position, node) pairs; in a pool, (client, node)); their infos by client id, and what
+        happened: the client ids known for the asked nodes and how many were left out. A node's first query may
+        take ``connect_timeout`` (it may load its model and data first), later ones ``round_timeout``."""
         if not nodes:
             return {}, {"cids": set(), "left_out": 0}
         first = any(node not in self.roster.client_of for _, node in nodes)
@@ -171,7 +189,11 @@ class HeteroLoRAStrategy(Strategy):
         # a reply belongs to the node its message went to (pushing a message gives it its id)
         sent = {m.metadata.message_id: node for m, (_, node) in zip(messages, nodes)
                 if getattr(getattr(m, "metadata", None), "message_id", None)}
-        wanted = {node for _, node in nodes}
+        wanted = {node: p for p, node in nodes}
+        pool = self.roster.pool
+
+        def client(node: int) -> int | None:  # the client a failure of ``node`` costs this round, when known
+            return wanted[node] if pool else self.roster.client_of.get(node)
         infos: dict[int, ClientInfo] = {}
         answered: set[int] = set()
         left_out = 0
@@ -184,7 +206,7 @@ class HeteroLoRAStrategy(Strategy):
                 if reply.has_error():
                     raise ValueError(reply.error.reason)
                 info = reply.content["info"]
-                cid = self.roster.identify(node, info["cid"])
+                cid = self.roster.identify(node, info["cid"], wanted[node])
                 budget, examples = info["budget"], info["num_examples"]
                 if not (isinstance(budget, int) and budget >= 1 and isinstance(examples, int) and examples >= 1):
                     raise ValueError(f"declared budget {budget!r} and example count {examples!r}: both must be "
@@ -193,25 +215,26 @@ class HeteroLoRAStrategy(Strategy):
             except Exception as e:  # a broken answer drops this client, never the round
                 reason = str(e) or type(e).__name__
                 if node in self.roster.client_of:  # it is known (now or before): it misses this round only
-                    self.record.fail(self.roster.client_of[node], "query", reason)
+                    self.record.fail(client(node), "query", reason)
                 else:
-                    left_out += self._leave_out(node, f"refused its first query: {reason}")
+                    left_out += self._leave_out(node, f"refused its first query: {reason}", client(node))
         for _, node in nodes:
             if node in answered:
                 continue
             if node in self.roster.client_of:
-                self.record.fail(self.roster.client_of[node], "query", "no reply within the timeout")
+                self.record.fail(client(node), "query", "no reply within the timeout")
             else:
-                left_out += self._leave_out(node, f"no reply to its first query within {timeout:g}s")
-        cids = {self.roster.client_of[node] for _, node in nodes if node in self.roster.client_of}
+                left_out += self._leave_out(node, f"no reply to its first query within {timeout:g}s", client(node))
+        cids = {c for _, node in nodes if (c := client(node)) is not None}
         return infos, {"cids": cids, "left_out": left_out}
 
-    def _leave_out(self, node: int, reason: str) -> int:
-        """Leave ``node`` out of sampling for the rest of the run, with the reason in this round's failures (its
-        client id is unknown: it never answered one)."""
+    def _leave_out(self, node: int, reason: str, cid: int | None = None) -> int:
+        """Leave ``node`` out of sampling (of the pool) for the rest of the run, with the reason in this round's
+        failures; ``cid``: the client a pool node was asked to serve, which fails this round (a node's own client
+        id is unknown: it never answered one)."""
         self.roster.leave_out(node)
-        line = f"node {node} left out of sampling: {reason}"
-        self.record.fail(None, "query", line, node=node)
+        line = f"node {node} left out of {'the pool' if self.roster.pool else 'sampling'}: {reason}"
+        self.record.fail(cid, "query", line, node=node)
         if self.first_refusal is None:
             self.first_refusal = line
         return 1
