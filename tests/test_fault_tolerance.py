@@ -142,6 +142,18 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_naming_file_and_mismatch(tmp
     assert _files(tmp_path) == before  # nothing written, renamed or removed
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default_and_only_then(tmp_path):
+    """A setting added after a run was stopped is absent from its record: the stopped run ran with the default,
+    so resuming with the default continues it, and anything else is the one-line mismatch."""
+    cfg = _saved(tmp_path)
+    record = json.loads(record_path(tmp_path).read_text())
+    del record["config"]["simulation_nodes"]
+    record_path(tmp_path).write_text(json.dumps(record))
+    assert load_checkpoint(tmp_path, cfg, "tiny-bert", _state()).round == 2
+    with pytest.raises(CheckpointError, match=r"made by a run with simulation_nodes=0, this run has simulation_nodes=2"):
+        load_checkpoint(tmp_path, cfg.with_overrides(simulation_nodes=2), "tiny-bert", _state())
+
+
 def test_a_new_run_never_overwrites_an_unfinished_one(tmp_path):
     _saved(tmp_path, rnd=2)
     with pytest.raises(CheckpointError, match="unfinished run: continue it with `fedplora run --resume"):

@@ -136,7 +136,9 @@ def _read_record(out: Path) -> dict[str, Any]:
 
 
 def check_config(out: Path, record: dict[str, Any], cfg: RunConfig) -> None:
-    saved, current = record["config"], cfg.to_dict()
+    # a setting added after the checkpoint was written is absent from it: the stopped run ran with its default
+    saved = {**RunConfig().to_dict(), **record["config"]}
+    current = cfg.to_dict()
     differ = [k for k in sorted(set(saved) | set(current)) if k not in MAY_DIFFER and saved.get(k) != current.get(k)]
     if differ:
         k = differ[0]
