@@ -384,6 +384,9 @@ def test_one_class_models_are_marked_in_the_report_from_their_final_mcc(tmp_path
     assert [r["one_class"] for r in table["tables"][0]["rows"]] == [0, 1]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| tweets | IID | 30.00 | FedIT R 70.00 · FedIT R/2 −25.00° | FedIT R 70.00 |" in report
+    cells = [line.split(" | ") for line in report.splitlines() if line.startswith(("| method | accuracy", "| FedIT"))]
+    column = cells[-3].index("one-class seeds")  # the cell table's header, then its two rows
+    assert [(c[0], c[column]) for c in cells[-2:]] == [("| FedIT R", "0 of 1"), ("| FedIT R/2", "1 of 1")]
 
 
 def test_a_partial_study_reports_what_is_done_and_lists_the_rest(tmp_path):

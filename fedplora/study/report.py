@@ -205,9 +205,11 @@ def _target_sentence(t: dict[str, Any], digits: int, units: str) -> str:
 def _cell_table_markdown(t: dict[str, Any], digits: int, units: str) -> list[str]:
     """One task x partition in full: each method's figure, seeds, paper figure, time to target, traffic, noise."""
     noise = sorted({k for r in t["rows"] if r["n"] for k in r["noise"]})
+    # seeds whose final model predicts one class (MCC 0): "0 of 3" is the evidence a method left the majority
+    one_class = any(r["n"] and r.get("one_class") is not None for r in t["rows"])
     lines = [f"## {t['task_label']}, {t['partition_label']}", ""]
     head = ["method", f"{t['metric']}{units}", "seeds", "paper", _target_header(t, digits), "vs fastest",
-            "up MB", "down MB", *noise]
+            "up MB", "down MB", *(["one-class seeds"] if one_class else []), *noise]
     lines += _table_lines(head)
     for r in t["rows"]:
         if not r["n"]:
@@ -220,6 +222,7 @@ def _cell_table_markdown(t: dict[str, Any], digits: int, units: str) -> list[str
             format_reach(reach) if reach and t["target"]["target"] is not None else "—",
             format_slower(reach) if reach else "—",
             format_number(r["up_mb"]), format_number(r["down_mb"]),
+            *([f"{r['one_class']} of {r['n']}" if r.get("one_class") is not None else "—"] if one_class else []),
             *[f"{r['noise'][k]:.3g}" if k in r["noise"] else "—" for k in noise]]) + " |")
     stem = f"{t['task']}-{t['partition']}"
     sentence = _target_sentence(t, digits, units)
