@@ -19,6 +19,7 @@ printed (and written with --out), for an otherwise idle machine.
     .venv/bin/python benchmarks/bench_scale.py                                   # 10, 1,000 and 10,000 clients
     .venv/bin/python benchmarks/bench_scale.py --sizes 10,200 --rounds 2         # a quick check
     .venv/bin/python benchmarks/bench_scale.py --out docs/scale-results.json --out scale.md
+    .venv/bin/python benchmarks/bench_scale.py --pool --out docs/scale-results-pool.json   # simulation_nodes
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ def smallest_partition(cfg: RunConfig, clients: int) -> int:
     return len(train) // clients
 
 
-def one_size(base: RunConfig, clients: int, rounds: int, per_round: int) -> dict:
-    cfg = base.with_overrides(num_clients=clients, clients_per_round=min(per_round, clients), rounds=rounds).validate()
+def one_size(base: RunConfig, clients: int, rounds: int, per_round: int, pool: bool = False) -> dict:
+    k = min(per_round, clients)
+    cfg = base.with_overrides(num_clients=clients, clients_per_round=k, rounds=rounds,
+                              simulation_nodes=k if pool else 0).validate()
     with tempfile.TemporaryDirectory(prefix=f"bench-scale-{clients}-") as tmp:
         out = Path(tmp) / "run"
         monitor = Monitor(out)
@@ -115,6 +118,7 @@ def one_size(base: RunConfig, clients: int, rounds: int, per_round: int) -> dict
     history = summary["history"]
     warm = [h["wall_s"] for h in history[2:]] or [history[1]["wall_s"]]
     return {"clients": clients, "clients_per_round": cfg.clients_per_round, "rounds": rounds,
+            "simulated_nodes": cfg.simulation_nodes or clients,
             "first_round_s": round(monitor.first_round_s or total_s, 2),
             "startup_s": round((monitor.first_round_s or total_s) - history[1]["wall_s"], 2),
             "wall_per_round_s": round(statistics.fmean(warm), 3), "rounds_timed": [h["round"] for h in history[2:]],
@@ -139,7 +143,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
     def mark(row, key):
         return "" if row is rows[0] else (" ok" if row["within_targets"][key] else " **over**")
 
-    lines = [f"{settings['clients_per_round']} clients a round, {settings['rounds']} rounds, batch "
+    nodes = ("a pool of as many simulated nodes as clients a round (simulation_nodes)" if settings.get("pool")
+             else "one simulated node per client")
+    lines = [f"{settings['clients_per_round']} clients a round on {nodes}, {settings['rounds']} rounds, batch "
              f"{settings['batch_size']}, {settings['cores']} cores; ratios to the {rows[0]['clients']:,}-client run. "
              "Targets: first round at most +60 s, wall per round and peak RSS at most 1.10x.", "",
              "| clients | time to first round | start-up | wall per round (rounds 2..) | server peak RSS "
@@ -165,6 +171,9 @@ def main() -> None:
                    help="local batch (default: the smallest partition at the largest size, at most the demo's 16)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run setting for every size, TOML value syntax (e.g. --set local_steps=5)")
+    p.add_argument("--pool", action="store_true",
+                   help="simulate each size on a pool of --per-round nodes (simulation_nodes) instead of one node "
+                        "per client")
     p.add_argument("--out", action="append", default=[], help="write the results here: FILE.json or FILE.md "
                                                               "(repeatable)")
     args = p.parse_args()
@@ -183,12 +192,12 @@ def main() -> None:
     batch = args.batch_size or max(1, min(base.batch_size, smallest_partition(base, max(sizes))))
     base = base.with_overrides(batch_size=batch)
     settings = {"sizes": sizes, "clients_per_round": args.per_round, "rounds": args.rounds, "batch_size": batch,
-                "cores": os.cpu_count(), "task": base.task, "local_steps": base.local_steps, **extra}
+                "cores": os.cpu_count(), "task": base.task, "local_steps": base.local_steps, "pool": args.pool, **extra}
     print(f"sizes {sizes}, {args.per_round} clients a round, {args.rounds} rounds, batch {batch} "
           f"({base.local_steps} local steps), {os.cpu_count()} cores", flush=True)
     rows = []
     for clients in sizes:
-        row = one_size(base, clients, args.rounds, args.per_round)
+        row = one_size(base, clients, args.rounds, args.per_round, args.pool)
         rows.append(row)
         print(f"  {clients:>6,} clients: first round {row['first_round_s']:.1f} s (start-up {row['startup_s']:.1f} s), "
               f"{row['wall_per_round_s']:.2f} s a round, server peak {row['server_peak_rss_mb']:.0f} MB, "
