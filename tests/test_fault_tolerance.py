@@ -5,6 +5,7 @@ ClientApp functions, called here instead of through Flower's transport; the slow
 processes: a SIGKILLed ``fedplora run``, the Simulation Engine, and a loopback deployment.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -234,8 +235,8 @@ class InProcessGrid:
         return replies
 
 
-@pytest.fixture
-def in_process(monkeypatch):
+@contextlib.contextmanager
+def flower_process(monkeypatch):
     """Messages made outside a Flower process need a run/node/task identity; clients train on one thread,
     as in the Simulation Engine (two threads on a busy 2-core machine are several times slower)."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -244,8 +245,16 @@ def in_process(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    with flower_process(monkeypatch):
+        yield
 
 
 def _small_cfg(assets, **kw):

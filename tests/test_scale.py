@@ -22,7 +22,8 @@ from fedplora.errors import FedploraError
 from fedplora.federation.roster import NoNodeServes, Roster
 from fedplora.tasks import make_task
 from fedplora.tasks.partition import partition_for
-from test_fault_tolerance import InProcessGrid, _rounds, _small_cfg, in_process  # noqa: F401 (a fixture)
+from test_fault_tolerance import (  # noqa: F401 (in_process: a fixture)
+    InProcessGrid, _rounds, _small_cfg, flower_process, in_process)
 
 
 def flower_numbered_nodes(num_nodes: int) -> dict[int, int]:
@@ -224,22 +225,13 @@ def test_a_reply_error_on_a_known_node_drops_it_for_the_round_only(tiny_assets, 
 @pytest.fixture(scope="module")
 def pooled(many):
     """One run of 200 clients, 2 a round, three times: with one node per client, and with a pool of 2 nodes."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     runs = {}
-    with pytest.MonkeyPatch.context() as mp:  # what ``in_process`` does, for the module
-        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-            mp.setattr(TaskIdentity, name, value)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for pool in (0, 2):
-                cfg = _small_cfg(many, num_clients=200, clients_per_round=2, rounds=3, local_steps=1,
-                                 eval_max_examples=8, simulation_nodes=pool)
-                grid = CountingGrid(pool or cfg.num_clients)
-                runs[pool] = (cfg, grid, *_rounds(cfg, grid))
-        finally:
-            torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp, flower_process(mp):  # ``in_process``, for the module
+        for pool in (0, 2):
+            cfg = _small_cfg(many, num_clients=200, clients_per_round=2, rounds=3, local_steps=1,
+                             eval_max_examples=8, simulation_nodes=pool)
+            grid = CountingGrid(pool or cfg.num_clients)
+            runs[pool] = (cfg, grid, *_rounds(cfg, grid))
     return runs
 
 

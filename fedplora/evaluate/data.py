@@ -66,13 +66,12 @@ def load_hub(source: HubSource, what: str) -> list[Row]:
 
 def load_parquet_export(source: HubSource, root: str | None = None) -> list[Row]:
     """The rows of ``source`` from the Parquet export (``root``: the export's folder; a local copy in tests)."""
+    import fsspec
     from datasets import load_dataset
 
     root = root or PARQUET_EXPORT.format(path=source.path)
     config = source.config or "default"
     rows: list[Row] = []
-    import fsspec
-
     fs, _ = fsspec.core.url_to_fs(root)  # "hf://" is huggingface_hub's file system; a plain path is local
     for split in source.split.split("+"):
         layouts = (f"{root}/{config}/{split}/*.parquet",  # the export's layout today
