@@ -490,13 +490,15 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tiny_assets,
         assert _kill_group(victim) == []  # the group and every descendant (Ray, the SuperExec): none outlives it
         assert victim.returncode == -signal.SIGKILL
         record = json.loads(record_path(tmp_path / "run").read_text())
-        assert record["round"] == 1 and not (tmp_path / "run" / "summary.json").exists()  # killed inside round 2
+        # Killed inside round 2, or inside round 3 when round 2 ended between the log line and the kill (a round of
+        # this tiny model can take less than the kill's process scan on a loaded machine): mid-round either way.
+        assert record["round"] in (1, 2) and not (tmp_path / "run" / "summary.json").exists()
 
         shutil.copytree(tmp_path / "run", tmp_path / "run-flwr")  # the same stopped run, resumed by `flwr run`
         resumed = subprocess.run([sys.executable, "-m", "fedplora.cli", "run", "--resume", str(tmp_path / "run")],
                                  capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert "resuming after round 1" in resumed.stderr
+        assert f"resuming after round {record['round']}" in resumed.stderr
         flwr_run_user_path({"out": str(tmp_path / "run-flwr"), "resume": True}, cfg.num_clients, tmp_path / "flwr")
         assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     finally:
