@@ -122,23 +122,10 @@ class LoopbackDeployment:
     def kill_superlink(self) -> None:
         """A crash of the server: SIGKILL the SuperLink and everything it started (its SuperExec and the
         ServerApp process), with no chance to clean up. The SuperNodes and ``flwr run`` keep running."""
-        import psutil
-
         link = self.running("superlink")
         if link is None:
             raise RuntimeError("kill_superlink: the SuperLink is not running")
-        try:
-            root = psutil.Process(link.pid)
-            victims = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            victims = []
-        for proc in victims:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=30)
-        link.wait()
+        stop_tree([link], crash=True)
 
     def register(self, public_key: Path) -> int:
         """Register a SuperNode's public key through the Control API (``flwr supernode register``); its node id."""

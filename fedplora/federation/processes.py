@@ -82,8 +82,9 @@ def die_with_parent() -> None:
         pass
 
 
-def stop_tree(procs: list[subprocess.Popen]) -> None:
-    """Terminate ``procs`` and all their descendants (then kill what is left after 10 s), by PID."""
+def stop_tree(procs: list[subprocess.Popen], crash: bool = False) -> None:
+    """Terminate ``procs`` and all their descendants (then kill what is left after 10 s), by PID; with ``crash``,
+    SIGKILL them all at once, leaving them no chance to clean up (a crash, as fault-tolerance tests need)."""
     import psutil
 
     found = []
@@ -93,12 +94,12 @@ def stop_tree(procs: list[subprocess.Popen]) -> None:
             found += [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
-    for proc in reversed(found):
+    for proc in found if crash else reversed(found):  # a crash takes the root first, as a dying machine would
         try:
-            proc.terminate()
+            (proc.kill if crash else proc.terminate)()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(found, timeout=10)
+    _, alive = psutil.wait_procs(found, timeout=30 if crash else 10)
     for proc in alive:
         try:
             proc.kill()
