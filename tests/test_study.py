@@ -753,9 +753,8 @@ def test_a_study_stopped_and_continued_sequentially_and_with_two_workers_gives_o
       their checkpoints, and the same command continues both and runs the third uninterrupted, two at once.
 
     table.json and report.md are byte-identical, and so is every file of every cell folder but the clock
-    readings (_same_cell_folders). Between them the two studies hold, for each cell, a run that was stopped
-    and continued and one that was not (cell 1: continued with two workers, uninterrupted with one), so the
-    comparison also shows that continuing a cell gives the uninterrupted cell's files."""
+    readings (_same_cell_folders). Cell 1 was stopped and continued with two workers and ran uninterrupted with
+    one, so the comparison also shows that continuing a cell gives the uninterrupted cell's files."""
     import psutil
 
     rank1 = '[[method]]\nname = "fedit-1"\nlabel = "FedIT 1"\nmethod = "fedit"\nrank = 1\nranks = [1]\nalpha = 2.0\n\n'
